@@ -1,0 +1,1 @@
+"""svdkernels: PyTorch kernels for SVD-centric deep learning."""
