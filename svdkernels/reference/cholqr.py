@@ -25,8 +25,9 @@ def _shift(G: torch.Tensor, m: int) -> torch.Tensor:
     l = G.shape[-1]
     u = torch.finfo(G.dtype).eps / 2
     tr = G.diagonal(dim1=-2, dim2=-1).sum(-1)
-    # The floor keeps a zero Y (all-zero Gram) factorisable.
-    return 11.0 * (m * l + l * (l + 1)) * u * tr + torch.finfo(G.dtype).tiny
+    # The floor keeps a zero Y (all-zero Gram) factorisable; float32's smallest
+    # normal keeps R⁻¹ finite once cast to float32, so a zero Y maps to a zero Q.
+    return 11.0 * (m * l + l * (l + 1)) * u * tr + torch.finfo(torch.float32).tiny
 
 
 def cholesky_factor(G: torch.Tensor, m: int) -> torch.Tensor:

@@ -28,8 +28,9 @@ For bfloat16/float16 input every pass reads ``A`` as stored, with float32
 accumulation; the projection splits ``Q = Q_hi + Q_lo`` into two 16-bit halves so
 ``Aᵀ·Q`` keeps about 16 bits more than one 16-bit product would.
 
-Orthonormalisation is Cholesky QR (``svdkernels.reference.cholqr``): float32 Grams
-between sketch passes, CholeskyQR2 with a float64 first Gram for the final basis.
+Orthonormalisation is Cholesky QR (``svdkernels.reference.cholqr``): one pass with
+a float64 Gram between passes, CholeskyQR2 (float64 then float32 Gram) for the
+final basis.
 """
 from __future__ import annotations
 
@@ -42,7 +43,14 @@ from svdkernels.reference.cholqr import cholqr, cholqr2
 
 
 class Passes(Protocol):
-    """The products with ``A`` that a backend supplies (``A`` is ``[B, m, n]``)."""
+    """The products with ``A`` that a backend supplies (``A`` is ``[B, m, n]``).
+
+    ``exact_16bit_products``: whether products of 16-bit operands come back with
+    their float32 accumulator intact. ``torch.matmul`` rounds them to 16 bits,
+    which the last two passes cannot afford, so there 16-bit input is upcast.
+    """
+
+    exact_16bit_products: bool
 
     def prepare(self, A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``A`` as the operand of passes computed in ``dtype`` (may return ``A`` itself)."""
@@ -68,6 +76,9 @@ class Passes(Protocol):
 
 class TorchPasses:
     """Passes with ``torch.matmul`` and a ``torch.Generator`` Gaussian."""
+
+    # matmul of bf16/fp16 operands returns bf16/fp16 (and bmm has no out_dtype on the CPU).
+    exact_16bit_products = False
 
     def prepare(self, A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return A if A.dtype == dtype else A.to(dtype)
@@ -122,12 +133,17 @@ def default_sketch_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtyp
 
 
 def plan_passes(
-    dtype: torch.dtype, n_iter: int, sketch_dtype: torch.dtype
+    dtype: torch.dtype, n_iter: int, sketch_dtype: torch.dtype, exact_16bit_products: bool = True
 ) -> list[PassSpec]:
-    """The ``2·n_iter + 2`` passes for ``A`` read in ``dtype`` (see the module docstring)."""
+    """The ``2·n_iter + 2`` passes for ``A`` read in ``dtype`` (see the module docstring).
+
+    The last range pass and the projection need float32 results; a backend whose
+    16-bit products are rounded (``exact_16bit_products=False``) does them in float32.
+    """
     low = [PassSpec(transpose=i % 2 == 1, dtype=sketch_dtype) for i in range(2 * n_iter)]
-    split = dtype != torch.float32
-    return low + [PassSpec(False, dtype), PassSpec(True, dtype, split=split)]
+    precise = dtype if exact_16bit_products else torch.float32
+    split = precise != torch.float32
+    return low + [PassSpec(False, precise), PassSpec(True, precise, split=split)]
 
 
 def _split_halves(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -171,7 +187,7 @@ def rsvd(
     dtype = working_dtype(A.dtype, A.device)
     if sketch_dtype is None:
         sketch_dtype = default_sketch_dtype(dtype, A.device)
-    plan = plan_passes(dtype, n_iter, sketch_dtype)
+    plan = plan_passes(dtype, n_iter, sketch_dtype, passes.exact_16bit_products)
 
     A3 = A.reshape(-1, m, n)
     operands = {spec.dtype: passes.prepare(A3, spec.dtype) for spec in plan}
@@ -185,11 +201,12 @@ def rsvd(
         return passes.matmul(op, X, transpose=spec.transpose, dtype=spec.dtype)
 
     # Range finder: the sketch, then power passes A^T·Q and A·Z alternately. The
-    # bases between passes only steer the subspace, so one Cholesky QR pass with a
-    # float32 Gram (well conditioned, not orthonormal) is enough there.
+    # bases between passes only steer the subspace, so one Cholesky QR pass is
+    # enough; its Gram is float64 because the basis is rounded to 16 bits for the
+    # next pass, which keeps only directions a well-conditioned basis carries.
     Y = passes.sketch(operands[plan[0].dtype], width, seed, plan[0].dtype)
     for i in range(1, 2 * n_iter + 1):
-        Y = run(i, cholqr(Y, gram_dtype=torch.float32))
+        Y = run(i, cholqr(Y))
     Q = cholqr2(Y)
 
     # Projection Bᵀ = AᵀQ and the SVD of the small B through its l×l Gram B·Bᵀ.

