@@ -214,17 +214,20 @@ def rsvd(
         Y = run(i, cholqr(Y, gram_dtype=torch.float64 if exact_basis else torch.float32))
     Q = cholqr2(Y)
 
-    # Projection Bᵀ = AᵀQ and the SVD of the small B through its l×l Gram B·Bᵀ,
-    # in float64: the eigendecomposition is then exact for the float32 Bᵀ we hold,
-    # so V = Bᵀ·W·Σ⁻¹ comes out orthonormal without another pass.
-    Btd = run(2 * n_iter + 1, Q).double()
+    # Projection Bᵀ = AᵀQ and the SVD of the small B through its l×l Gram B·Bᵀ
+    # (float64, so the spectrum is exact for the float32 Bᵀ we hold).
+    Bt = run(2 * n_iter + 1, Q)
+    Btd = Bt.double()
     lam, W = torch.linalg.eigh(Btd.mT @ Btd)  # ascending
     W = W.flip(-1)[..., :rank]
     S = lam.flip(-1)[..., :rank].clamp_min(0).sqrt()
     U = Q @ W.float()
-    # Exactly zero σ (rank-deficient A) would divide by zero: those columns stay zero.
+    # V = Bᵀ·W·Σ⁻¹ in float32 is orthonormal only to u·σ₁/σ_k; one float32 Cholesky
+    # QR pass on this nearly orthonormal matrix restores it (cheaper on the CPU than
+    # the product in float64). Exactly zero σ (rank-deficient A) would divide by
+    # zero: those columns are left zero.
     inv = torch.where(S > 0, S.reciprocal(), torch.zeros_like(S))
-    V = (Btd @ (W * inv.unsqueeze(-2))).float()
+    V = cholqr(Bt @ (W * inv.unsqueeze(-2)).float(), gram_dtype=torch.float32)
     return (
         U.reshape(*batch, m, rank),
         S.float().reshape(*batch, rank),
