@@ -324,7 +324,8 @@ def _fmt_time(ms: float | None) -> str:
 def _fmt_num(v: float | None) -> str:
     if v is None or not math.isfinite(v):
         return "-"
-    return f"{v:.4g}" if 1e-2 <= abs(v) < 1e4 else f"{v:.2e}"
+    # Fixed decimals near 1 so that error ratios like 1.0004 stay readable.
+    return f"{v:.4f}" if 0.1 <= abs(v) < 100 else f"{v:.2e}"
 
 
 def format_table(title: str, rows: Sequence[Row], legend: str = "") -> str:
@@ -389,6 +390,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    if hasattr(os, "getloadavg"):
+        info["load_average_1min"] = os.getloadavg()[0]
     return info
 
 
@@ -481,6 +484,11 @@ def run(
         f"peaks ({peaks.source}): {flops}, {peaks.bandwidth / 1e9:.1f} GB/s",
         flush=True,
     )
+    load = machine.get("load_average_1min", 0.0)
+    if _device.type == "cpu" and load >= 1.0:
+        # Other processes on the same cores inflate CPU timings (GEMM threads wait on each other).
+        print(f"warning: load average {load:.1f} on {machine['cpu_count']} CPUs before the run: "
+              "timings may be inflated", file=sys.stderr, flush=True)
 
     counts = [families[n].count(quick) for n in names if families[n].count]
     total = sum(counts) if len(counts) == len(names) else None

@@ -117,6 +117,10 @@ def rsvd(
     Returns:
         ``U [..., m, rank]`` with orthonormal columns, ``S [..., rank]`` descending,
         ``Vh [..., rank, n]`` with orthonormal rows; all float32 and contiguous.
+        Exception: where ``A`` has exact rank below ``rank`` (an all-zero matrix,
+        say), the vectors of the exactly-zero singular values are returned as zero
+        vectors rather than an arbitrary orthonormal completion (completing them
+        without a host synchronisation would cost every call a second sketch).
 
     Example::
 
