@@ -1,0 +1,53 @@
+"""Command line: ``python -m svdkernels bench [--quick] [--only FAMILY ...] [--out DIR] [--repeats N]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m svdkernels", description="svdkernels command line.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser(
+        "bench",
+        help="run the benchmark suite",
+        description="Time every op family against its peers, with accuracy; print one table "
+        "per family and write DIR/bench.json (and DIR/bench.png when matplotlib is installed).",
+    )
+    bench.add_argument("--quick", action="store_true", help="small workloads (under a minute in all)")
+    bench.add_argument(
+        "--only", nargs="+", action="extend", metavar="FAMILY", help="run only these families (e.g. rsvd)"
+    )
+    bench.add_argument("--out", type=Path, default=Path("bench-results"), metavar="DIR",
+                       help="output directory (default: bench-results)")
+    bench.add_argument("--repeats", type=int, metavar="N",
+                       help="timed repeats per measurement, median reported (default 5, 3 with --quick)")
+    bench.add_argument("--device", help="torch device to run on (default: cuda if available, else cpu)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        # Imported here so that `--help` stays instant.
+        import torch
+
+        from svdkernels.bench.runner import load_families, run
+
+        known = sorted(load_families())
+        unknown = [name for name in args.only or () if name not in known]
+        if unknown:
+            parser.error(f"--only: unknown family {', '.join(unknown)} (known: {', '.join(known)})")
+        if args.repeats is not None and args.repeats < 1:
+            parser.error(f"--repeats: expected a positive integer, got {args.repeats}")
+        device = torch.device(args.device) if args.device else None
+        run(args.only, quick=args.quick, repeats=args.repeats, out_dir=args.out, device=device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

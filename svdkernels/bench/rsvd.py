@@ -1,0 +1,416 @@
+"""Benchmark family ``rsvd``: batched randomized SVD against its peers.
+
+Workloads are batches of matrices with a known spectrum (polynomial decay, from
+:func:`svdkernels.testing.matrices.spectral_matrix`), so each method's error is
+compared with the optimal rank-k error. For each workload, in the same run:
+
+- ours: ``svdkernels.rsvd(A, k, seed=0)`` at its defaults (oversample 10, 2 power iterations);
+- peers: ``torch.svd_lowrank`` and scikit-learn ``randomized_svd`` at the same
+  oversampling and iterations; for the adapter-init workload, PEFT's PiSSA
+  initialisations (``torch.svd_lowrank`` with ``niter=4``, and ``torch.linalg.svd``),
+  one layer at a time as PEFT does;
+- "bare products": only the products with ``A`` that our algorithm performs
+  (:func:`svdkernels.reference.rsvd.plan_passes`), at their dtypes, on pre-cast
+  operands: how far ours is from doing nothing but its unavoidable GEMMs; and the
+  same number of float32 products;
+- a roofline line: ``A`` read once per pass, ``2·m·n·width`` FLOPs per pass.
+
+The workload definitions and method callables here are reused by ``bench/bench_rsvd.py``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import svdkernels
+from svdkernels.bench.runner import Row, bench_device, device_peaks, register, roofline_row, time_fn
+from svdkernels.reference import rsvd as reference
+from svdkernels.testing.matrices import relative_errors, spectral_matrix
+
+OVERSAMPLE = 10
+N_ITER = 2
+# scikit-learn loops over the batch in Python: when a whole batch would take longer
+# than this per timed call, time a prefix of the batch and scale up linearly.
+SKLEARN_BUDGET_S = 1.0
+
+Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U [B,m,k], S [B,k], Vh [B,k,n]
+
+
+@dataclass(frozen=True)
+class Group:
+    """``batch`` matrices of shape ``m x n``: one batched call of ours."""
+
+    batch: int
+    m: int
+    n: int
+
+    def __str__(self) -> str:
+        return f"[{self.batch},{self.m},{self.n}]"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Matrices (one or more same-shape groups) to factor at rank ``rank``.
+
+    ``decay`` is the polynomial decay of the spectrum (``σ_i = (i+1)^-decay``);
+    ``peers`` name entries of :data:`METHODS`; ``mean_over_layers`` reports the
+    mean error ratio over matrices instead of the max (adapter init cares about
+    the whole block).
+    """
+
+    name: str
+    groups: tuple[Group, ...]
+    rank: int
+    peers: tuple[str, ...]
+    decay: float = 1.0
+    mean_over_layers: bool = False
+    seed: int = 0
+
+
+BATCH_PEERS = ("torch.svd_lowrank", "sklearn randomized_svd")
+ADAPTER_PEERS = ("peft pissa_niter_4", "peft pissa")
+
+
+def _batched(batch: int, m: int, n: int, rank: int) -> Workload:
+    return Workload(f"[{batch},{m},{n}] k={rank}", (Group(batch, m, n),), rank, BATCH_PEERS)
+
+
+def _adapter_block(width: int, ffn: int, rank: int, name: str) -> Workload:
+    # One Llama decoder block: q,k,v,o [width, width], gate/up [ffn, width],
+    # down [width, ffn], grouped by shape into three batched calls.
+    groups = (Group(4, width, width), Group(2, ffn, width), Group(1, width, ffn))
+    return Workload(name, groups, rank, ADAPTER_PEERS, decay=0.5, mean_over_layers=True, seed=100)
+
+
+def workloads(quick: bool) -> list[Workload]:
+    """The family's workloads; ``quick`` shrinks them so the whole family takes seconds."""
+    if quick:
+        return [_batched(2, 256, 256, 8), _adapter_block(256, 688, 8, "adapter init 1/16-Llama-7B block k=8")]
+    return [
+        _batched(16, 1024, 1024, 32),
+        _batched(4, 2048, 2048, 64),
+        _batched(64, 512, 512, 16),
+        # Llama-7B (4096 wide, FFN 11008) at quarter width.
+        _adapter_block(1024, 2752, 16, "adapter init 1/4-Llama-7B block k=16"),
+    ]
+
+
+@dataclass
+class Matrices:
+    """A workload's matrices: ``A`` (float32, on the bench device) for the methods,
+    ``A64`` (float64, CPU) and exact spectra ``S`` for the errors; one per group."""
+
+    A: list[torch.Tensor]
+    A64: list[torch.Tensor]
+    S: list[torch.Tensor]
+
+
+@functools.lru_cache(maxsize=1)
+def matrices(workload: Workload, device: str = "cpu") -> Matrices:
+    """Build (once: Haar factors in float64 take seconds) a workload's matrices."""
+    A, A64, S = [], [], []
+    for i, g in enumerate(workload.groups):
+        M = spectral_matrix("poly", g.m, g.n, batch=(g.batch,), decay=workload.decay, seed=workload.seed + i)
+        A.append(M.A.to(device=device, dtype=torch.float32))
+        A64.append(M.A)
+        S.append(M.S)
+    return Matrices(A, A64, S)
+
+
+# ---------------------------------------------------------------------------
+# Methods: each maps (inputs, rank) to one Factors per group.
+
+
+def _ours() -> Callable[..., Factors]:
+    # The public op once it exists; the reference driver (same result on the CPU) until then.
+    return getattr(svdkernels, "rsvd", None) or reference.rsvd
+
+
+def run_ours(mats: Sequence[torch.Tensor], k: int) -> list[Factors]:
+    """``svdkernels.rsvd`` once per group, at its default oversampling and iterations."""
+    rsvd = _ours()
+    return [rsvd(A, k, seed=0) for A in mats]
+
+
+def run_svd_lowrank(mats: Sequence[torch.Tensor], k: int) -> list[Factors]:
+    """``torch.svd_lowrank`` on the whole batch, same oversampling and iterations as ours."""
+    out = []
+    for A in mats:
+        U, S, V = torch.svd_lowrank(A, q=k + OVERSAMPLE, niter=N_ITER)
+        out.append((U[..., :k], S[..., :k], V[..., :k].mT))
+    return out
+
+
+def _per_layer(mats: Sequence[torch.Tensor], one: Callable[[torch.Tensor], Factors]) -> list[Factors]:
+    out = []
+    for A in mats:
+        parts = [one(W) for W in A.unbind(0)]
+        out.append(tuple(torch.stack(p) for p in zip(*parts)))
+    return out
+
+
+def run_pissa_niter_4(mats: Sequence[torch.Tensor], k: int) -> list[Factors]:
+    """PEFT ``init_lora_weights="pissa_niter_4"``: ``svd_lowrank(W, q=k, niter=4)`` per layer."""
+
+    def one(W: torch.Tensor) -> Factors:
+        U, S, V = torch.svd_lowrank(W, q=k, niter=4)
+        return U, S, V.mT
+
+    return _per_layer(mats, one)
+
+
+def run_pissa(mats: Sequence[torch.Tensor], k: int) -> list[Factors]:
+    """PEFT ``init_lora_weights="pissa"``: full ``torch.linalg.svd`` per layer, truncated."""
+
+    def one(W: torch.Tensor) -> Factors:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        return U[:, :k], S[:k], Vh[:k]
+
+    return _per_layer(mats, one)
+
+
+def run_sklearn(mats: Sequence[Any], k: int) -> list[Factors]:
+    """scikit-learn ``randomized_svd`` looped over each batch (it takes one matrix)."""
+    from sklearn.utils.extmath import randomized_svd
+
+    out = []
+    for batch in mats:
+        parts = [
+            randomized_svd(M, k, n_oversamples=OVERSAMPLE, n_iter=N_ITER, random_state=0)
+            for M in batch
+        ]
+        out.append(tuple(torch.stack([torch.from_numpy(p[j]) for p in parts]) for j in range(3)))
+    return out
+
+
+def _to_numpy(mats: Sequence[torch.Tensor]) -> list[Any]:
+    return [A.cpu().numpy() for A in mats]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A timed method: ``run(prepare(A), k)``; ``prepare`` runs outside the timed region."""
+
+    name: str
+    run: Callable[[Sequence[Any], int], list[Factors]]
+    kind: str = "peer"
+    prepare: Callable[[Sequence[torch.Tensor]], Sequence[Any]] = list
+    note: str = ""
+    subset: bool = False  # slow Python loop over matrices: may be timed on a prefix
+    host: bool = False  # runs on the CPU whatever the bench device: time it with the CPU clock
+
+
+OURS = "ours (svdkernels.rsvd)"
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(OURS, run_ours, kind="ours"),
+        Method("torch.svd_lowrank", run_svd_lowrank, note=f"q=k+{OVERSAMPLE}, niter={N_ITER}, batched"),
+        Method(
+            "sklearn randomized_svd",
+            run_sklearn,
+            prepare=_to_numpy,
+            note=f"n_oversamples={OVERSAMPLE}, n_iter={N_ITER}, loop over batch",
+            subset=True,
+            host=True,
+        ),
+        Method("peft pissa_niter_4", run_pissa_niter_4, note="torch.svd_lowrank(W, q=k, niter=4) per layer"),
+        Method("peft pissa", run_pissa, note="torch.linalg.svd(W) per layer"),
+    )
+}
+BARE = "bare products"
+FP32 = "fp32 products"
+
+
+def accuracy(workload: Workload, mats: Matrices, factors: Sequence[Factors]) -> dict[str, float]:
+    """``err/opt`` (max over matrices, or mean for adapter init), ``sv err`` and ``orth`` (max).
+
+    ``factors`` may cover only a prefix of each group (a subset-timed method).
+    """
+    parts = []
+    for A64, S_true, (U, S, Vh) in zip(mats.A64, mats.S, factors):
+        b = U.shape[0]
+        parts.append(relative_errors(A64[:b], U.cpu(), S.cpu(), Vh.cpu(), S_true[:b]))
+    ratio = torch.cat([p["ratio"] for p in parts])
+    return {
+        "err/opt": float(ratio.mean() if workload.mean_over_layers else ratio.max()),
+        "sv err": float(torch.cat([p["sv"] for p in parts]).max()),
+        "orth": float(torch.cat([p["orth"] for p in parts]).max()),
+    }
+
+
+def _prefix(mats: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """The first ``count`` matrices, taken group by group."""
+    out = []
+    for A in mats:
+        take = min(A.shape[0], count)
+        if take:
+            out.append(A[:take])
+        count -= take
+    return out
+
+
+def measure(method: Method, workload: Workload, mats: Matrices, repeats: int) -> Row:
+    """Time ``method`` on the workload (median of ``repeats``) and measure its accuracy."""
+    k = workload.rank
+    A = mats.A
+    clock = torch.device("cpu") if method.host else None
+    total = sum(a.shape[0] for a in A)
+    note = [method.note] if method.note else []
+    used = total
+    if method.subset and total > 1:
+        one = method.prepare(_prefix(A, 1))
+        t1, _ = time_fn(lambda: method.run(one, k), repeats=1, device=clock)
+        if t1 * total > SKLEARN_BUDGET_S:
+            used = max(1, min(total, math.floor(SKLEARN_BUDGET_S / t1)))
+            A = _prefix(A, used)
+            note.append(f"timed on {used} of {total} matrices, scaled x{total / used:.3g}")
+    inputs = method.prepare(A)
+    torch.manual_seed(0)  # torch.svd_lowrank draws from the global generator
+    t, factors = time_fn(lambda: method.run(inputs, k), repeats=repeats, device=clock)
+    return Row(
+        workload.name,
+        method.name,
+        t * total / used * 1e3,
+        kind=method.kind,
+        errors=accuracy(workload, mats, factors),
+        note="; ".join(note),
+        extra={"matrices_timed": used, "matrices": total},
+    )
+
+
+# ---------------------------------------------------------------------------
+# Bare products and the roofline
+
+
+def pass_plan(device: torch.device) -> list[reference.PassSpec]:
+    """The products with ``A`` our rsvd does for float32 input on ``device`` at defaults."""
+    dtype = reference.working_dtype(torch.float32, device)
+    sketch = reference.default_sketch_dtype(dtype, device)
+    # The CPU reference runs its passes with torch.matmul; GPU kernels keep float32 accumulators.
+    exact = device.type != "cpu" or reference.TORCH_PASSES.exact_16bit_products
+    return reference.plan_passes(dtype, N_ITER, sketch, exact)
+
+
+@dataclass(frozen=True)
+class Product:
+    """One pass of the plan, operands pre-cast: ``op(A)·X`` as our backend computes it."""
+
+    A: torch.Tensor  # [B, m, n] in the pass dtype
+    X: torch.Tensor  # [B, n or m, width] in the pass dtype (2·width when split)
+    transpose: bool
+    dtype: torch.dtype
+
+
+def product_operands(
+    mats: Sequence[torch.Tensor], rank: int, plan: Sequence[reference.PassSpec], *, fp32: bool = False
+) -> list[Product]:
+    """Pre-cast operands for every pass of ``plan`` on every group.
+
+    ``X`` is random; ``fp32`` makes every product float32 and unsplit instead.
+    """
+    width = rank + OVERSAMPLE
+    g = torch.Generator(device=mats[0].device).manual_seed(0)
+    products = []
+    for A in mats:
+        cast: dict[torch.dtype, torch.Tensor] = {}
+        for spec in plan:
+            dtype = torch.float32 if fp32 else spec.dtype
+            if dtype not in cast:
+                cast[dtype] = A.to(dtype)
+            rows = A.shape[-2] if spec.transpose else A.shape[-1]
+            w = width * (2 if spec.split and not fp32 else 1)
+            X = torch.randn(A.shape[0], rows, w, generator=g, device=A.device).to(dtype)
+            products.append(Product(cast[dtype], X, spec.transpose, dtype))
+    return products
+
+
+def run_products(products: Sequence[Product]) -> list[torch.Tensor]:
+    """The products themselves (what the bare rows time), through the CPU backend's own
+    ``matmul`` so "bare" means exactly the products our rsvd does, done the same way
+    (it computes Aᵀ·X as (Xᵀ·A)ᵀ, the faster orientation on the CPU)."""
+    mm = reference.TORCH_PASSES.matmul
+    return [mm(p.A, p.X, transpose=p.transpose, dtype=p.dtype) for p in products]
+
+
+def pass_cost(
+    groups: Sequence[Group], rank: int, plan: Sequence[reference.PassSpec]
+) -> tuple[float, dict[torch.dtype, float]]:
+    """Bytes (``A`` read once per pass at the pass dtype) and FLOPs per dtype
+    (``2·m·n·width`` per pass and matrix) of ``plan`` over ``groups``."""
+    width = rank + OVERSAMPLE
+    bytes_moved = 0.0
+    flops: dict[torch.dtype, float] = {}
+    for g in groups:
+        for spec in plan:
+            size = g.batch * g.m * g.n
+            bytes_moved += size * spec.dtype.itemsize
+            w = width * (2 if spec.split else 1)
+            flops[spec.dtype] = flops.get(spec.dtype, 0.0) + 2.0 * size * w
+    return bytes_moved, flops
+
+
+def _plan_summary(plan: Sequence[reference.PassSpec]) -> str:
+    counts: dict[str, int] = {}
+    for spec in plan:
+        key = str(spec.dtype).removeprefix("torch.") + (" split" if spec.split else "")
+        counts[key] = counts.get(key, 0) + 1
+    return " + ".join(f"{n}x {key}" for key, n in counts.items())
+
+
+def _product_rows(
+    workload: Workload, mats: Matrices, plan: Sequence[reference.PassSpec], ours_ms: float, repeats: int
+) -> Iterator[Row]:
+    for name, fp32 in ((BARE, False), (FP32, True)):
+        products = product_operands(mats.A, workload.rank, plan, fp32=fp32)
+        t, _ = time_fn(lambda: run_products(products), repeats=repeats)
+        what = _plan_summary(plan) if not fp32 else f"{len(plan)}x float32"
+        ms = t * 1e3
+        yield Row(
+            workload.name,
+            name,
+            ms,
+            kind="bare",
+            note=f"{what} matmuls per group; ours = {ours_ms / ms:.2f}x of this",
+            extra={"ours_over_this": ours_ms / ms, "passes": len(plan)},
+        )
+        del products
+
+
+# ---------------------------------------------------------------------------
+# The family
+
+LEGEND = (
+    "err/opt = |A - U S Vh|_F / optimal rank-k error (max over the batch; mean over layers "
+    "for adapter init). sv err = max relative error of the top k/2 singular values. "
+    "orth = max(|U'U - I|_F, |Vh Vh' - I|_F).\n"
+    "bare / fp32 products = only our passes' products with A, computed as our backend does (pre-cast operands); "
+    "roofline = those passes at the device's peak FLOP/s and bandwidth."
+)
+
+
+@register("rsvd", count=lambda quick: len(workloads(quick)), legend=LEGEND)
+def bench_rsvd(quick: bool, repeats: int) -> Iterator[Row | str]:
+    """Measure ours, each peer, the bare products and the roofline on every workload."""
+    device = bench_device()
+    peaks = device_peaks(device, quick)
+    plan = pass_plan(device)
+    for wl in workloads(quick):
+        yield wl.name
+        mats = matrices(wl, str(device))
+        ours = measure(METHODS[OURS], wl, mats, repeats)
+        notes = [] if hasattr(svdkernels, "rsvd") else ["svdkernels.rsvd absent: reference.rsvd"]
+        if len(wl.groups) > 1:
+            notes.append(f"{len(wl.groups)} batched calls: " + ", ".join(map(str, wl.groups)))
+        ours.note = "; ".join(notes)
+        yield ours
+        for peer in wl.peers:
+            yield measure(METHODS[peer], wl, mats, repeats)
+        yield from _product_rows(wl, mats, plan, ours.time_ms, repeats)
+        bytes_moved, flops = pass_cost(wl.groups, wl.rank, plan)
+        yield roofline_row(wl.name, ours.time_ms / 1e3, bytes_moved, flops, peaks)
