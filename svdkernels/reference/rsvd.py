@@ -218,6 +218,9 @@ def rsvd(
     # (float64, so the spectrum is exact for the float32 Bᵀ we hold).
     Bt = run(2 * n_iter + 1, Q)
     Btd = Bt.double()
+    # torch.linalg.eigh has no _ex variant: on CUDA its error check is the one host
+    # synchronisation left per call (Cholesky uses cholesky_ex). A batched Jacobi
+    # kernel for these l×l matrices would remove it.
     lam, W = torch.linalg.eigh(Btd.mT @ Btd)  # ascending
     W = W.flip(-1)[..., :rank]
     S = lam.flip(-1)[..., :rank].clamp_min(0).sqrt()
