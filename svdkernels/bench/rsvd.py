@@ -126,15 +126,9 @@ def matrices(workload: Workload, device: str = "cpu") -> Matrices:
 # Methods: each maps (inputs, rank) to one Factors per group.
 
 
-def _ours() -> Callable[..., Factors]:
-    # The public op once it exists; the reference driver (same result on the CPU) until then.
-    return getattr(svdkernels, "rsvd", None) or reference.rsvd
-
-
 def run_ours(mats: Sequence[torch.Tensor], k: int) -> list[Factors]:
     """``svdkernels.rsvd`` once per group, at its default oversampling and iterations."""
-    rsvd = _ours()
-    return [rsvd(A, k, seed=0) for A in mats]
+    return [svdkernels.rsvd(A, k, seed=0) for A in mats]
 
 
 def run_svd_lowrank(mats: Sequence[torch.Tensor], k: int) -> list[Factors]:
@@ -368,7 +362,7 @@ def _product_rows(
 ) -> Iterator[Row]:
     for name, fp32 in ((BARE, False), (FP32, True)):
         products = product_operands(mats.A, workload.rank, plan, fp32=fp32)
-        t, _ = time_fn(lambda: run_products(products), repeats=repeats)
+        t, _ = time_fn(lambda p=products: run_products(p), repeats=repeats)
         what = _plan_summary(plan) if not fp32 else f"{len(plan)}x float32"
         ms = t * 1e3
         yield Row(
@@ -379,7 +373,7 @@ def _product_rows(
             note=f"{what} matmuls per group; ours = {ours_ms / ms:.2f}x of this",
             extra={"ours_over_this": ours_ms / ms, "passes": len(plan)},
         )
-        del products
+        del products  # free this set of operands before building the next
 
 
 # ---------------------------------------------------------------------------
