@@ -3,9 +3,12 @@
 Importing this package registers the ops under ``torch.ops.svdkernels``; it never
 initialises CUDA, imports triton, compiles or downloads anything.
 """
+from svdkernels import adapters
 from svdkernels.backends import use_backend
+from svdkernels.kpsvd import kpsvd
+from svdkernels.ops.kron_linear import kron_linear
 from svdkernels.ops.rsvd import rsvd
 from svdkernels.spectral import select_rank
 
-__all__ = ["rsvd", "select_rank", "use_backend"]
+__all__ = ["adapters", "kpsvd", "kron_linear", "rsvd", "select_rank", "use_backend"]
 __version__ = "0.1.0"

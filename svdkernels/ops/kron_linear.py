@@ -1,0 +1,208 @@
+"""The ``kron_linear`` op: ``x @ (Σ_i A_i ⊗ B_i)ᵀ`` without the Kronecker product.
+
+``torch.ops.svdkernels.kron_linear`` (forward) and ``kron_linear_backward``: schema,
+fake implementations, autograd, validation and backend dispatch. The math is in
+``svdkernels/reference/kron_linear.py``; the fused kernel in
+``svdkernels/triton/kron_linear.py``.
+
+A factor travels through the schema as a list: ``[dense]`` with ``dense [r, p, q]``,
+or ``[u [r, p, k], v [r, k, q]]`` for the low-rank form ``u @ v`` (peft LoKr's
+``w1_a·w1_b`` / ``w2_a·w2_b``).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+
+from svdkernels.backends import select_backend
+from svdkernels.reference import kron_linear as reference
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+FactorLike = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def factor_dims(name: str, factor: Sequence[torch.Tensor]) -> tuple[int, int, int]:
+    """``(r, p, q)`` of a normalised factor list, or a ``ValueError`` naming it."""
+    if len(factor) not in (1, 2):
+        raise ValueError(f"{name}: expected a tensor [r, p, q] or a pair (u [r, p, k], v [r, k, q]), "
+                         f"got a sequence of {len(factor)} tensors")
+    for t in factor:
+        if t.dim() != 3:
+            raise ValueError(f"{name}: expected 3-D factor tensors after adding r, got shape {tuple(t.shape)}")
+    if len(factor) == 1:
+        r, p, q = factor[0].shape
+        return r, p, q
+    u, v = factor
+    if u.shape[0] != v.shape[0] or u.shape[2] != v.shape[1]:
+        raise ValueError(f"{name}: low-rank pair u [r, p, k], v [r, k, q] do not chain: "
+                         f"u {tuple(u.shape)}, v {tuple(v.shape)}")
+    return u.shape[0], u.shape[1], v.shape[2]
+
+
+def validate(x: torch.Tensor, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scale: float) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument for any bad input."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x: expected a floating dtype (float32, float16, bfloat16, float64), got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"x: expected shape [..., a2*b2], got a 0-d tensor")
+    for name, factor in (("A", A), ("B", B)):
+        for t in factor:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected tensors, got {type(t).__name__}")
+            if t.dtype != x.dtype:
+                raise TypeError(f"{name}: expected dtype {x.dtype} (that of x), got {t.dtype}")
+            if t.device != x.device:
+                raise ValueError(f"{name}: expected device {x.device} (that of x), got {t.device}")
+    rA, a1, a2 = factor_dims("A", A)
+    rB, b1, b2 = factor_dims("B", B)
+    if rA != rB:
+        raise ValueError(f"A, B: expected the same number r of Kronecker terms, got r = {rA} for A and {rB} for B")
+    if rA < 1:
+        raise ValueError(f"A: expected at least one Kronecker term, got r = {rA}")
+    if x.shape[-1] != a2 * b2:
+        raise ValueError(f"x: expected last dim a2*b2 = {a2}*{b2} = {a2 * b2} (A [r, a1, a2], B [r, b1, b2]), "
+                         f"got {x.shape[-1]}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _dense(factor: Sequence[torch.Tensor]) -> torch.Tensor:
+    return reference.compose(factor)
+
+
+def _forward(x2: torch.Tensor, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
+    if select_backend("kron_linear", x2.device) == "triton":
+        from svdkernels.triton import kron_linear as triton_kron
+
+        return triton_kron.kron_linear(x2, _dense(A), _dense(B), scale)
+    return reference.forward(x2, A, B, scale)
+
+
+@torch.library.custom_op("svdkernels::kron_linear", mutates_args=())
+def kron_linear_op(x: torch.Tensor, A: list[torch.Tensor], B: list[torch.Tensor], scale: float) -> torch.Tensor:
+    """``torch.ops.svdkernels.kron_linear``; see :func:`kron_linear`."""
+    validate(x, A, B, scale)
+    _, a1, _ = factor_dims("A", A)
+    _, b1, _ = factor_dims("B", B)
+    y = _forward(_flat(x), A, B, scale)
+    return y.reshape(*x.shape[:-1], a1 * b1)
+
+
+@kron_linear_op.register_fake
+def _(x, A, B, scale):
+    validate(x, A, B, scale)
+    _, a1, _ = factor_dims("A", A)
+    _, b1, _ = factor_dims("B", B)
+    return x.new_empty(*x.shape[:-1], a1 * b1)
+
+
+@torch.library.custom_op("svdkernels::kron_linear_backward", mutates_args=())
+def kron_linear_backward_op(
+    grad_y: torch.Tensor, x: torch.Tensor, A: list[torch.Tensor], B: list[torch.Tensor], scale: float,
+    needs_x: bool, needs_A: bool, needs_B: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients of ``kron_linear``: ``(∂x, [∂A factors], [∂B factors])``.
+
+    Gradients not asked for come back as an empty tensor / empty list.
+    """
+    x2, g2 = _flat(x), _flat(grad_y)
+    if select_backend("kron_linear", x.device) == "triton":
+        from svdkernels.triton import kron_linear as triton_kron
+
+        gx = gA = gB = None
+        if needs_x:
+            gx = triton_kron.kron_linear(g2, _dense(reference.transpose(A)), _dense(reference.transpose(B)), scale)
+        if needs_A or needs_B:
+            dA, dB = triton_kron.kron_linear_factor_grads(x2, g2, _dense(A), _dense(B), scale)
+            gA = reference._chain(A, dA) if needs_A else None
+            gB = reference._chain(B, dB) if needs_B else None
+    else:
+        gx, gA, gB = reference.backward(g2, x2, A, B, scale, (needs_x, needs_A, needs_B))
+    gx = gx.reshape(x.shape) if gx is not None else x.new_empty(0)
+    return gx, [t.contiguous() for t in gA] if gA else [], [t.contiguous() for t in gB] if gB else []
+
+
+@kron_linear_backward_op.register_fake
+def _(grad_y, x, A, B, scale, needs_x, needs_A, needs_B):
+    gx = x.new_empty(x.shape) if needs_x else x.new_empty(0)
+    gA = [t.new_empty(t.shape) for t in A] if needs_A else []
+    gB = [t.new_empty(t.shape) for t in B] if needs_B else []
+    return gx, gA, gB
+
+
+def _setup_context(ctx, inputs, output):
+    x, A, B, scale = inputs
+    ctx.save_for_backward(x, *A, *B)
+    ctx.n_A = len(A)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_y):
+    x, *factors = ctx.saved_tensors
+    A, B = list(factors[: ctx.n_A]), list(factors[ctx.n_A:])
+    nx, nA, nB = ctx.needs_input_grad[:3]
+    gx, gA, gB = torch.ops.svdkernels.kron_linear_backward(
+        grad_y, x, A, B, ctx.scale, bool(nx), bool(nA), bool(nB))
+    return (gx if nx else None, gA if nA else None, gB if nB else None, None)
+
+
+kron_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def normalize_factor(name: str, factor: FactorLike) -> list[torch.Tensor]:
+    """``A`` as given by a user (``[r,p,q]``, ``[p,q]``, or a pair ``(u, v)`` of
+    ``[r,p,k]``/``[p,k]`` and ``[r,k,q]``/``[k,q]``) as the op's factor list."""
+    if isinstance(factor, torch.Tensor):
+        parts = [factor]
+    elif isinstance(factor, (tuple, list)) and len(factor) == 2 and all(isinstance(t, torch.Tensor) for t in factor):
+        parts = list(factor)
+    else:
+        raise TypeError(f"{name}: expected a tensor [r, p, q] or [p, q], or a pair of tensors (u, v) "
+                        f"with u @ v the factor, got {type(factor).__name__}")
+    dims = {t.dim() for t in parts}
+    if len(dims) != 1 or dims.pop() not in (2, 3):
+        raise ValueError(f"{name}: expected 2-D ([p, q]) or 3-D ([r, p, q]) tensors of the same rank, "
+                         f"got shapes {[tuple(t.shape) for t in parts]}")
+    return [t.unsqueeze(0) if t.dim() == 2 else t for t in parts]
+
+
+def kron_linear(x: torch.Tensor, A: FactorLike, B: FactorLike, *, scale: float = 1.0) -> torch.Tensor:
+    """``y = scale · x @ (Σ_i A_i ⊗ B_i)ᵀ``, never forming the Kronecker product.
+
+    The identity ``(A ⊗ B)·vec(X) = vec(B·X·Aᵀ)`` turns the ``(a1·b1)×(a2·b2)``
+    matrix-vector product into two small GEMMs per token (Van Loan 2000); it is the
+    forward pass of Kronecker adapters (LoKr, KronA, SoKA) without peft's dense
+    ``torch.kron``.
+
+    Args:
+        x: ``[..., a2*b2]`` float32/bfloat16/float16/float64.
+        A: ``[r, a1, a2]`` (or ``[a1, a2]`` for r = 1), or a low-rank pair
+            ``(Au [r, a1, k], Av [r, k, a2])`` meaning ``A_i = Au_i @ Av_i``.
+        B: ``[r, b1, b2]`` (or ``[b1, b2]``), or ``(Bu [r, b1, k], Bv [r, k, b2])``.
+        scale: multiplies the output (LoKr's ``alpha / r``).
+
+    Returns:
+        ``y [..., a1*b1]`` in x's dtype, with ``y[..., p*b1 + q]`` the ``(p, q)`` entry
+        of ``Σ_i A_i·X·B_iᵀ`` for ``X = x.view(..., a2, b2)``, which matches
+        ``torch.kron(A_i, B_i)``'s row/column order. Differentiable in ``x``, ``A``
+        and ``B``; neither direction forms a matrix larger than the factors and the
+        activations.
+
+    Example::
+
+        x = torch.randn(8, 1024)
+        A, B = torch.randn(32, 32), torch.randn(32, 32)
+        y = svdkernels.kron_linear(x, A, B)     # == x @ torch.kron(A, B).T
+    """
+    Af, Bf = normalize_factor("A", A), normalize_factor("B", B)
+    validate(x, Af, Bf, scale)
+    return torch.ops.svdkernels.kron_linear(x, Af, Bf, float(scale))
