@@ -1,5 +1,5 @@
-"""Smoke test of ``python -m svdkernels bench --quick``: it runs, prints the rsvd
-table with our row and the ``torch.svd_lowrank`` row, and writes valid JSON."""
+"""Smoke test of ``python -m svdkernels bench --quick``: it runs once, prints each
+family's table with our row and the peers' rows, and writes valid JSON."""
 from __future__ import annotations
 
 import json
@@ -8,28 +8,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def _finite(x: object) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def test_quick_bench(tmp_path: Path) -> None:
-    out = tmp_path / "results"
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[list[str], dict]:
+    out = tmp_path_factory.mktemp("bench") / "results"
     # timeout: the quick bench is meant to take well under a minute.
     proc = subprocess.run(
         [sys.executable, "-m", "svdkernels", "bench", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout.splitlines(), json.loads((out / "bench.json").read_text())
 
-    lines = proc.stdout.splitlines()
-    assert "== rsvd ==" in lines, proc.stdout
-    assert any("ours (svdkernels.rsvd)" in line for line in lines), proc.stdout
-    assert any("torch.svd_lowrank" in line for line in lines), proc.stdout
 
-    doc = json.loads((out / "bench.json").read_text())
+def test_quick_bench_rsvd(quick_run) -> None:
+    lines, doc = quick_run
+    proc_stdout = "\n".join(lines)
+    assert "== rsvd ==" in lines, proc_stdout
+    assert any("ours (svdkernels.rsvd)" in line for line in lines), proc_stdout
+    assert any("torch.svd_lowrank" in line for line in lines), proc_stdout
+
     assert doc["machine"]["torch"] and doc["machine"]["threads"] >= 1
     rows = doc["families"]["rsvd"]
     for method in ("ours (svdkernels.rsvd)", "torch.svd_lowrank"):
@@ -43,3 +49,17 @@ def test_quick_bench(tmp_path: Path) -> None:
             # Both are accurate at these settings: near the optimal rank-k error.
             assert 1 - 1e-6 <= r["errors"]["err/opt"] < 1.5, r
     assert any(r["kind"] == "roofline" and _finite(r["time_ms"]) for r in rows)
+
+
+def test_quick_bench_kron_linear(quick_run) -> None:
+    lines, doc = quick_run
+    assert "== kron_linear ==" in lines
+    rows = doc["families"]["kron_linear"]
+    for method in ("ours (KronLinear)", "peft LoKr", "frozen base F.linear"):
+        found = [r for r in rows if r["method"] == method]
+        assert len(found) == 2, (method, found)  # forward, forward+backward
+        assert all(_finite(r["time_ms"]) and r["time_ms"] > 0 for r in found)
+    for r in rows:
+        if r["method"] in ("ours (KronLinear)", "peft LoKr"):
+            assert r["errors"]["err"] < 1e-5, r  # both compute the same adapter in fp32
+    assert sum(r["kind"] == "roofline" for r in rows) == 2
