@@ -3,12 +3,16 @@
 Importing this package registers the ops under ``torch.ops.svdkernels``; it never
 initialises CUDA, imports triton, compiles or downloads anything.
 """
-from svdkernels import adapters
+from svdkernels import adapters, quant
 from svdkernels.backends import use_backend
 from svdkernels.kpsvd import kpsvd
 from svdkernels.ops.kron_linear import kron_linear
+from svdkernels.ops.lowrank_quant import lowrank_quantize_act, lowrank_w4a4_gemm, lowrank_w4a16_linear
 from svdkernels.ops.rsvd import rsvd
 from svdkernels.spectral import select_rank
 
-__all__ = ["adapters", "kpsvd", "kron_linear", "rsvd", "select_rank", "use_backend"]
+__all__ = [
+    "adapters", "kpsvd", "kron_linear", "lowrank_quantize_act", "lowrank_w4a4_gemm", "lowrank_w4a16_linear",
+    "quant", "rsvd", "select_rank", "use_backend",
+]
 __version__ = "0.1.0"

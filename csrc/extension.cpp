@@ -1,0 +1,34 @@
+// The Python module svdkernels._C and the schemas of its internal ops.
+//
+// The public ops (torch.ops.svdkernels.lowrank_w4a16_linear, ...) are defined in
+// Python (svdkernels/ops/), so the package works without this extension. What is
+// defined here are internal ops with their own names, which a public op calls when
+// its backend is "cpp"; `import svdkernels._C` loads this library and thereby
+// registers them (static initialisers of TORCH_LIBRARY_FRAGMENT / _IMPL).
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/lowrank_w4a16.h"
+
+TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
+  // y [M, N] = x·deq(qweight)ᵀ + (x·L_downᵀ)·L_upᵀ + bias; see csrc/cpu/lowrank_w4a16.cpp.
+  // isa: -1 the best this CPU supports, 0 portable C++, 1 AVX2+FMA, 2 AVX-512F,
+  // 3 AVX-512 with BF16 dot products for bfloat16 activations (other dtypes as 2).
+  m.def(
+      "_cpp_lowrank_w4a16_linear(Tensor x, Tensor qweight, Tensor scales, Tensor L_down, "
+      "Tensor L_up, Tensor? bias, int isa=-1) -> Tensor");
+  // The instruction set isa=-1 picks on this CPU (0 to 3, as above).
+  m.def("_cpp_best_isa() -> int", &svdkernels::cpu::best_isa);
+}
+
+// A module with no Python functions: importing it is what loads the library.
+static struct PyModuleDef svdkernels_c_module = {
+    PyModuleDef_HEAD_INIT,
+    "_C",
+    "Internal C++ ops of svdkernels (registered under torch.ops.svdkernels on import).",
+    -1,
+    nullptr,
+};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&svdkernels_c_module); }

@@ -1,0 +1,428 @@
+"""Low-rank + 4-bit matmul ops of SVDQuant (Li et al. 2024):
+
+- ``torch.ops.svdkernels.lowrank_w4a16_linear``: int4 weights, 16-bit activations;
+- ``torch.ops.svdkernels.lowrank_quantize_act`` and ``torch.ops.svdkernels.lowrank_w4a4_gemm``:
+  the W4A4 pair, activation quantisation fused with the low-rank down projection,
+  and the int4 GEMM fused with the up projection.
+
+Schemas, fake (meta) implementations, input validation and backend dispatch. The
+math is in ``svdkernels/reference/lowrank_quant.py``; the packed formats in
+``svdkernels/quant/packing.py``. ``lowrank_w4a16_linear`` has a C++ CPU kernel
+(``csrc/cpu/lowrank_w4a16.cpp``, the internal op
+``torch.ops.svdkernels._cpp_lowrank_w4a16_linear``) used when ``svdkernels._C`` is
+built; everything else runs on the reference backend for now.
+
+Every backend accumulates in float32 and is deterministic (no atomics).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+
+from svdkernels.backends import requested_backend, select_backend
+from svdkernels.quant.packing import (
+    GROUP_SIZE,
+    check_float,
+    check_group_dim,
+    check_packed,
+    check_tensor,
+)
+from svdkernels.reference import lowrank_quant as reference
+
+RANK_MULTIPLE = 16
+"""The low-rank branch's rank must be a multiple of this (0 allowed)."""
+
+
+# ---------------------------------------------------------------------------
+# Validation
+
+
+def _check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], what: str) -> None:
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name}: expected shape {what} = {list(expected)}, got {list(t.shape)}")
+
+
+def _check_dtype(name: str, t: torch.Tensor, dtype: torch.dtype, why: str) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} ({why}), got {t.dtype}")
+
+
+def _check_contiguous(name: str, t: torch.Tensor) -> None:
+    # The packed layouts and the kernels read these row-major; a silent copy
+    # per call would hide a format mistake and cost a pass over the weight.
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous (row-major) tensor, got strides {t.stride()}")
+
+
+def _check_device(device: torch.device, **tensors: Optional[torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device} (the device of x), got {t.device}")
+
+
+def _check_rank(L_down: torch.Tensor) -> int:
+    r = L_down.shape[0]
+    if r % RANK_MULTIPLE:
+        raise ValueError(
+            f"L_down: expected the rank r = L_down.shape[0] to be a multiple of {RANK_MULTIPLE} "
+            f"(0 allowed), got r = {r}"
+        )
+    return r
+
+
+def _check_weight(
+    qweight: object, scales: object, K: int, dtype: torch.dtype, dtype_why: str
+) -> int:
+    """Check ``qweight [N, K/2]`` uint8 and ``scales [N, K/64]`` of ``dtype``; return ``N``."""
+    qweight = check_tensor("qweight", qweight)
+    scales = check_tensor("scales", scales)
+    check_packed("qweight", qweight)
+    if qweight.dim() != 2:
+        raise ValueError(f"qweight: expected shape [N, K/2] (2-D), got {list(qweight.shape)}")
+    N = qweight.shape[0]
+    _check_shape("qweight", qweight, (N, K // 2), f"[N, K/2] with K = {K}")
+    _check_dtype("scales", scales, dtype, dtype_why)
+    _check_shape("scales", scales, (N, K // GROUP_SIZE), f"[N, K/{GROUP_SIZE}] with N = {N}, K = {K}")
+    _check_contiguous("qweight", qweight)
+    _check_contiguous("scales", scales)
+    return N
+
+
+def _check_L(name: str, t: object, expected: tuple[int, ...], what: str, dtype: torch.dtype, why: str) -> torch.Tensor:
+    t = check_tensor(name, t)
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected shape {what} (2-D), got {list(t.shape)}")
+    _check_dtype(name, t, dtype, why)
+    _check_shape(name, t, expected, what)
+    _check_contiguous(name, t)
+    return t
+
+
+def _check_bias(bias: object, N: int, dtype: torch.dtype, why: str) -> None:
+    if bias is None:
+        return
+    bias = check_tensor("bias", bias)
+    _check_dtype("bias", bias, dtype, why)
+    _check_shape("bias", bias, (N,), "[N]")
+    _check_contiguous("bias", bias)
+
+
+def _check_x(x: object) -> int:
+    x = check_tensor("x", x)
+    check_float("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected shape [..., K], got {list(x.shape)}")
+    K = x.shape[-1]
+    check_group_dim("x", K)
+    return K
+
+
+def validate_w4a16(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    L_down: torch.Tensor,
+    L_up: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument for any bad input."""
+    K = _check_x(x)
+    why = "the dtype of x"
+    N = _check_weight(qweight, scales, K, x.dtype, why)
+    L_down = check_tensor("L_down", L_down)
+    if L_down.dim() != 2:
+        raise ValueError(f"L_down: expected shape [r, K] (2-D), got {list(L_down.shape)}")
+    r = _check_rank(L_down)
+    _check_L("L_down", L_down, (r, K), f"[r, K] with K = {K}", x.dtype, why)
+    _check_L("L_up", L_up, (N, r), f"[N, r] with N = {N}, r = {r}", x.dtype, why)
+    _check_bias(bias, N, x.dtype, why)
+    _check_device(x.device, qweight=qweight, scales=scales, L_down=L_down, L_up=L_up, bias=bias)
+
+
+def validate_quantize_act(x: torch.Tensor, smooth: torch.Tensor, L_down: torch.Tensor) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument for any bad input."""
+    K = _check_x(x)
+    smooth = check_tensor("smooth", smooth)
+    check_float("smooth", smooth)
+    _check_shape("smooth", smooth, (K,), "[K]")
+    L_down = check_tensor("L_down", L_down)
+    if L_down.dim() != 2:
+        raise ValueError(f"L_down: expected shape [r, K] (2-D), got {list(L_down.shape)}")
+    r = _check_rank(L_down)
+    _check_L("L_down", L_down, (r, K), f"[r, K] with K = {K}", x.dtype, "the dtype of x")
+    _check_device(x.device, smooth=smooth, L_down=L_down)
+
+
+def validate_w4a4(
+    xq: torch.Tensor,
+    xscale: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    lowrank_act: torch.Tensor,
+    L_up: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument for any bad input."""
+    xq = check_tensor("xq", xq)
+    check_packed("xq", xq)
+    if xq.dim() < 1:
+        raise ValueError(f"xq: expected shape [..., K/2], got {list(xq.shape)}")
+    lead, K = tuple(xq.shape[:-1]), 2 * xq.shape[-1]
+    check_group_dim("xq (K = 2 * xq.shape[-1])", K)
+    xscale = check_tensor("xscale", xscale)
+    _check_dtype("xscale", xscale, torch.float32, "activation scales are float32")
+    _check_shape("xscale", xscale, (*lead, K // GROUP_SIZE), f"[..., K/{GROUP_SIZE}] with K = {K}")
+    scales = check_tensor("scales", scales)
+    check_float("scales", scales)
+    dtype = scales.dtype
+    why = "the dtype of scales, the layer's activation dtype"
+    N = _check_weight(qweight, scales, K, dtype, why)
+    lowrank_act = check_tensor("lowrank_act", lowrank_act)
+    _check_dtype("lowrank_act", lowrank_act, torch.float32, "the down projection is kept in float32")
+    if lowrank_act.dim() != len(lead) + 1 or tuple(lowrank_act.shape[:-1]) != lead:
+        raise ValueError(
+            f"lowrank_act: expected shape [..., r] with leading dims {list(lead)} (those of xq), "
+            f"got {list(lowrank_act.shape)}"
+        )
+    r = lowrank_act.shape[-1]
+    if r % RANK_MULTIPLE:
+        raise ValueError(
+            f"lowrank_act: expected the rank r = lowrank_act.shape[-1] to be a multiple of "
+            f"{RANK_MULTIPLE} (0 allowed), got r = {r}"
+        )
+    _check_L("L_up", L_up, (N, r), f"[N, r] with N = {N}, r = {r}", dtype, why)
+    _check_bias(bias, N, dtype, why)
+    _check_device(
+        xq.device, xscale=xscale, qweight=qweight, scales=scales, lowrank_act=lowrank_act, L_up=L_up, bias=bias
+    )
+
+
+def _backend(op: str, device: torch.device, *, has_cpp: bool = False) -> str:
+    """:func:`select_backend`, for ops whose Triton kernels do not exist yet: the
+    default on CUDA is then the reference; forcing ``triton`` is an error (never a
+    silent fallback)."""
+    name = select_backend(op, device, has_cpp=has_cpp)
+    if name == "triton":
+        if requested_backend() == "triton":
+            raise RuntimeError(f"{op}: backend 'triton' requested but {op} has no Triton kernel yet")
+        return "reference"
+    return name
+
+
+# ---------------------------------------------------------------------------
+# lowrank_w4a16_linear
+
+
+@torch.library.custom_op("svdkernels::lowrank_w4a16_linear", mutates_args=())
+def lowrank_w4a16_linear_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    L_down: torch.Tensor,
+    L_up: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``torch.ops.svdkernels.lowrank_w4a16_linear``; see :func:`lowrank_w4a16_linear`."""
+    validate_w4a16(x, qweight, scales, L_down, L_up, bias)
+    return _w4a16(_backend("lowrank_w4a16_linear", x.device, has_cpp=True), x, qweight, scales, L_down, L_up, bias)
+
+
+def _w4a16(
+    backend: str,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    L_down: torch.Tensor,
+    L_up: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Run ``lowrank_w4a16_linear`` on ``backend`` (inputs already validated)."""
+    if backend == "cpp":
+        if x.dim() == 2:
+            return _cpp_w4a16()(x, qweight, scales, L_down, L_up, bias, -1)
+        x2 = x.reshape(-1, x.shape[-1])  # a view for any x with a row-major last dim
+        y = _cpp_w4a16()(x2, qweight, scales, L_down, L_up, bias, -1)
+        return y.reshape(*x.shape[:-1], qweight.shape[0])
+    return reference.lowrank_w4a16_linear(x, qweight, scales, L_down, L_up, bias)
+
+
+@functools.cache
+def _cpp_w4a16() -> Callable[..., torch.Tensor]:
+    """``torch.ops.svdkernels._cpp_lowrank_w4a16_linear.default`` (exists once svdkernels._C is imported)."""
+    return torch.ops.svdkernels._cpp_lowrank_w4a16_linear.default
+
+
+@lowrank_w4a16_linear_op.register_fake
+def _(x, qweight, scales, L_down, L_up, bias):
+    validate_w4a16(x, qweight, scales, L_down, L_up, bias)
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def lowrank_w4a16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    L_down: torch.Tensor,
+    L_up: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """SVDQuant W4A16 linear layer: ``y = x·deq(qweight)ᵀ + (x·L_downᵀ)·L_upᵀ + bias``.
+
+    The int4 residual and the 16-bit low-rank branch of SVDQuant (Li et al. 2024)
+    in one call; float32 accumulation, deterministic. On the CPU it runs the C++
+    kernel when ``svdkernels._C`` is built (tuned for 1 to 16 tokens: the packed
+    weight is streamed once and unpacked in registers).
+
+    Args:
+        x: ``[..., K]`` activations, float32, float16 or bfloat16 (any strides).
+        qweight: ``[N, K/2]`` uint8, packed int4 weight (:func:`svdkernels.quant.quantize_weight`).
+        scales: ``[N, K/64]`` per-group weight scales, dtype of ``x``.
+        L_down: ``[r, K]`` low-rank down projection (``r`` a multiple of 16,
+            ``0`` for none), dtype of ``x``; with smoothing it holds ``1/λ``.
+        L_up: ``[N, r]`` low-rank up projection, dtype of ``x``.
+        bias: ``[N]``, dtype of ``x``, or ``None``.
+        ``qweight``, ``scales``, ``L_down``, ``L_up`` and ``bias`` must be contiguous.
+
+    Returns:
+        ``y [..., N]`` in the dtype of ``x``.
+
+    Example::
+
+        qweight, scales = svdkernels.quant.quantize_weight(W - L_up @ L_down)
+        y = svdkernels.quant.lowrank_w4a16_linear(x, qweight, scales, L_down=L_down, L_up=L_up, bias=b)
+    """
+    validate_w4a16(x, qweight, scales, L_down, L_up, bias)
+    if not torch.compiler.is_compiling():
+        backend = _backend("lowrank_w4a16_linear", x.device, has_cpp=True)
+        if backend == "cpp":
+            # Eager decoding fast path: the C++ kernel directly, the very call the
+            # op makes (identical results). The Python custom-op layer costs about
+            # 30 us per call here, as much as the kernel takes for a 512x1024 layer;
+            # torch.compile and torch.ops users still see the op itself.
+            return _w4a16(backend, x, qweight, scales, L_down, L_up, bias)
+    return torch.ops.svdkernels.lowrank_w4a16_linear(x, qweight, scales, L_down, L_up, bias)
+
+
+# ---------------------------------------------------------------------------
+# lowrank_quantize_act
+
+
+@torch.library.custom_op("svdkernels::lowrank_quantize_act", mutates_args=())
+def lowrank_quantize_act_op(
+    x: torch.Tensor, smooth: torch.Tensor, L_down: torch.Tensor, unsigned: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.svdkernels.lowrank_quantize_act``; see :func:`lowrank_quantize_act`."""
+    validate_quantize_act(x, smooth, L_down)
+    _backend("lowrank_quantize_act", x.device)  # only checks a forced backend: reference only
+    return reference.lowrank_quantize_act(x, smooth, L_down, unsigned)
+
+
+@lowrank_quantize_act_op.register_fake
+def _(x, smooth, L_down, unsigned):
+    validate_quantize_act(x, smooth, L_down)
+    *lead, K = x.shape
+    return (
+        x.new_empty(*lead, K // 2, dtype=torch.uint8),
+        x.new_empty(*lead, K // GROUP_SIZE, dtype=torch.float32),
+        x.new_empty(*lead, L_down.shape[0], dtype=torch.float32),
+    )
+
+
+def lowrank_quantize_act(
+    x: torch.Tensor, smooth: torch.Tensor, L_down: torch.Tensor, *, unsigned: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVDQuant W4A4, first half: quantise ``x/λ`` and compute the down projection.
+
+    Args:
+        x: ``[..., K]`` activations, float32, float16 or bfloat16.
+        smooth: ``[K]`` smoothing factors ``λ`` (positive), any float dtype.
+        L_down: ``[r, K]`` low-rank down projection (``r`` a multiple of 16, ``0``
+            for none), dtype of ``x``, contiguous. It reads the *unsmoothed* ``x``:
+            SVDQuant folds ``1/λ`` into it.
+        unsigned: quantise ``(x + 0.171875)/λ`` to unsigned int4 (inputs
+            ``>= -0.171875``, e.g. after a GELU); the GEMM's bias must then be
+            :func:`svdkernels.quant.compensate_unsigned_bias`.
+
+    Returns:
+        ``xq [..., K/2]`` uint8 and ``xscale [..., K/64]`` float32: per token and group
+        of 64, scale ``absmax/7`` (``max/15`` unsigned), layout in
+        ``svdkernels/quant/packing.py``; and ``lowrank_act [..., r] = x·L_downᵀ`` in
+        float32.
+    """
+    validate_quantize_act(x, smooth, L_down)
+    if not isinstance(unsigned, bool):
+        raise TypeError(f"unsigned: expected a bool, got {type(unsigned).__name__}")
+    return torch.ops.svdkernels.lowrank_quantize_act(x, smooth, L_down, unsigned)
+
+
+# ---------------------------------------------------------------------------
+# lowrank_w4a4_gemm
+
+
+@torch.library.custom_op("svdkernels::lowrank_w4a4_gemm", mutates_args=())
+def lowrank_w4a4_gemm_op(
+    xq: torch.Tensor,
+    xscale: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    lowrank_act: torch.Tensor,
+    L_up: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    unsigned: bool,
+) -> torch.Tensor:
+    """``torch.ops.svdkernels.lowrank_w4a4_gemm``; see :func:`lowrank_w4a4_gemm`."""
+    validate_w4a4(xq, xscale, qweight, scales, lowrank_act, L_up, bias)
+    _backend("lowrank_w4a4_gemm", xq.device)  # only checks a forced backend: reference only
+    return reference.lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
+
+
+@lowrank_w4a4_gemm_op.register_fake
+def _(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned):
+    validate_w4a4(xq, xscale, qweight, scales, lowrank_act, L_up, bias)
+    return scales.new_empty(*xq.shape[:-1], qweight.shape[0])
+
+
+def lowrank_w4a4_gemm(
+    xq: torch.Tensor,
+    xscale: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    lowrank_act: torch.Tensor,
+    L_up: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    unsigned: bool = False,
+) -> torch.Tensor:
+    """SVDQuant W4A4, second half: ``y = deq(xq)·deq(qweight)ᵀ + lowrank_act·L_upᵀ + bias``.
+
+    Per group of 64 the int4 products are summed exactly as integers, then rescaled
+    by ``xscale·scales`` in float32; the up projection and bias are added in the
+    epilogue. With ``unsigned=True``, ``deq(xq) = q·xscale`` includes the shift
+    (see :func:`lowrank_quantize_act`), so ``bias`` must be the compensated one.
+
+    Args:
+        xq, xscale: ``[..., K/2]`` uint8 and ``[..., K/64]`` float32, from
+            :func:`lowrank_quantize_act`.
+        qweight, scales: ``[N, K/2]`` uint8 and ``[N, K/64]`` (the layer's activation
+            dtype), from :func:`svdkernels.quant.quantize_weight`; contiguous.
+        lowrank_act: ``[..., r]`` float32, from :func:`lowrank_quantize_act`.
+        L_up: ``[N, r]``, dtype of ``scales``, contiguous.
+        bias: ``[N]``, dtype of ``scales``, or ``None``.
+        unsigned: ``xq`` holds unsigned nibbles (``lowrank_quantize_act(..., unsigned=True)``).
+
+    Returns:
+        ``y [..., N]`` in the dtype of ``scales``.
+
+    Example::
+
+        xq, xs, la = svdkernels.quant.lowrank_quantize_act(x, smooth, L_down)
+        y = svdkernels.quant.lowrank_w4a4_gemm(xq, xs, qweight, scales, lowrank_act=la, L_up=L_up, bias=b)
+    """
+    validate_w4a4(xq, xscale, qweight, scales, lowrank_act, L_up, bias)
+    if not isinstance(unsigned, bool):
+        raise TypeError(f"unsigned: expected a bool, got {type(unsigned).__name__}")
+    return torch.ops.svdkernels.lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)

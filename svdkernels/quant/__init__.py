@@ -1,0 +1,50 @@
+"""SVDQuant (Li et al. 2024) int4 formats and the low-rank + 4-bit linear ops.
+
+- Formats (``svdkernels/quant/packing.py``, layouts documented there):
+  :func:`quantize_weight`, :func:`dequantize_weight`, :func:`quantize_act`,
+  :func:`dequantize_act`, :func:`pack_int4`, :func:`unpack_int4`,
+  :func:`compensate_unsigned_bias`, ``GROUP_SIZE``, ``UNSIGNED_SHIFT``.
+- Ops (``svdkernels/ops/lowrank_quant.py``): :func:`lowrank_w4a16_linear`,
+  :func:`lowrank_quantize_act`, :func:`lowrank_w4a4_gemm`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from svdkernels.quant.packing import (
+    GROUP_SIZE,
+    UNSIGNED_SHIFT,
+    compensate_unsigned_bias,
+    dequantize_act,
+    dequantize_weight,
+    pack_int4,
+    quantize_act,
+    quantize_weight,
+    unpack_int4,
+)
+
+_OPS = ("lowrank_quantize_act", "lowrank_w4a4_gemm", "lowrank_w4a16_linear")
+
+__all__ = [
+    "GROUP_SIZE",
+    "UNSIGNED_SHIFT",
+    "compensate_unsigned_bias",
+    "dequantize_act",
+    "dequantize_weight",
+    "pack_int4",
+    "quantize_act",
+    "quantize_weight",
+    "unpack_int4",
+    *_OPS,
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The ops read the formats defined in this package (svdkernels.ops.lowrank_quant
+    # imports svdkernels.quant.packing), so importing them here eagerly would make
+    # the import order of the two matter; they are resolved on first access instead.
+    if name in _OPS:
+        from svdkernels.ops import lowrank_quant
+
+        return getattr(lowrank_quant, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
