@@ -150,25 +150,37 @@ def backward(
     r, a1, a2 = factor_dims(A)
     _, b1, b2 = factor_dims(B)
     N = x.shape[0]
-    Gs = grad_y.reshape(N, a1, b1)
-    Gs = Gs * scale if scale != 1.0 else Gs
+    G = grad_y.reshape(N, a1, b1)
     X = x.reshape(N, a2, b2)
-    grad_x = grad_A = grad_B = None
-    if needs[0] or needs[1]:
-        # V[n, (p,i), t] = Σ_q G[n,p,q]·B_i[q,t], shared: ∂x[n] = Σ_i A_iᵀ·V_i[n] (the
-        # forward pass with transposed factors) and ∂A_i = Σ_n V_i[n]·X[n]ᵀ.
-        V = _right_contract(Gs.reshape(N * a1, b1), transpose(B))  # [N·a1, r, b2]
-    if needs[0]:
-        grad_x = _left_contract(V, transpose(A), N, 1.0).view(N, a2 * b2)
+    Ad = compose(A)
+    At, Bt = [Ad.transpose(1, 2)], transpose(B if _apply_lowrank_first(B) else [compose(B)])
+    A_pi = Ad.transpose(0, 1).reshape(a1 * r, a2)  # [(p,i), s]
+    grad_x = x.new_empty(N, a2 * b2) if needs[0] else None
+    g_A = x.new_zeros(a1 * r, a2) if needs[1] else None
+    g_B = x.new_zeros(b1, r * b2) if needs[2] else None
+    # Token chunks, as in the forward pass: the activation-sized intermediates V and
+    # U stay in cache, ∂x is written in place and ∂A, ∂B accumulate.
+    step = max(1, _CHUNK_ELEMENTS // (r * max(a1 * b2, a2 * b1)))
+    for n0 in range(0, N, step):
+        Gc, Xc = G[n0:n0 + step], X[n0:n0 + step]
+        n = Gc.shape[0]
+        if needs[0] or needs[1]:
+            # V[n, (p,i), t] = Σ_q G[n,p,q]·B_i[q,t], shared: ∂x[n] = Σ_i A_iᵀ·V_i[n] (the
+            # forward pass with transposed factors) and ∂A_i = Σ_n V_i[n]·X[n]ᵀ.
+            V = _right_contract(Gc.reshape(n * a1, b1), Bt)  # [n·a1, r, b2]
+        if needs[0]:
+            _left_contract(V, At, n, scale, out=grad_x[n0:n0 + n].view(n, a2, b2))
+        if needs[1]:
+            # Per-token GEMMs then a sum over tokens: no transposed copy of V or X
+            # (1.6x faster than a permute-and-GEMM on the CPU).
+            g_A += torch.bmm(V.view(n, a1 * r, b2), Xc.transpose(1, 2)).sum(0)  # [(p,i), s]
+        if needs[2]:
+            # U[n, (p,i), t] = Σ_s A_i[p,s]·X[n,s,t]; ∂B_i[q,t] = Σ_{n,p} G[n,p,q]·U[n,(p,i),t].
+            U = torch.matmul(A_pi, Xc).view(n * a1, r * b2)
+            g_B += torch.matmul(U.t(), Gc.reshape(n * a1, b1)).t()  # [b1, r·b2]
+    grad_A = grad_B = None
     if needs[1]:
-        # Per-token GEMMs then a sum over tokens: no transposed copy of V or X
-        # (1.6x faster than a permute-and-GEMM on the CPU).
-        g = torch.bmm(V.view(N, a1 * r, b2), X.transpose(1, 2)).sum(0)  # [(p,i), s]
-        grad_A = _chain(A, g.view(a1, r, a2).transpose(0, 1).contiguous())
+        grad_A = _chain(A, (g_A * scale).view(a1, r, a2).transpose(0, 1).contiguous())
     if needs[2]:
-        # U[n, (p,i), t] = Σ_s A_i[p,s]·X[n,s,t]; ∂B_i[q,t] = Σ_{n,p} G[n,p,q]·U[n,(p,i),t].
-        A_pi = compose(A).transpose(0, 1).reshape(a1 * r, a2)
-        U = torch.matmul(A_pi, X).view(N * a1, r * b2)
-        g = torch.matmul(U.t(), Gs.reshape(N * a1, b1)).t()  # [b1, r·b2]
-        grad_B = _chain(B, g.view(b1, r, b2).transpose(0, 1).contiguous())
+        grad_B = _chain(B, (g_B * scale).view(b1, r, b2).transpose(0, 1).contiguous())
     return grad_x, grad_A, grad_B

@@ -200,8 +200,14 @@ def test_token_chunks_match_one_pass(monkeypatch, lowrank):
     # with a chunk size that does not divide the token count.
     monkeypatch.setattr(ref, "_CHUNK_ELEMENTS", 3 * 4 * 2 * 9)
     r, a1, a2, b1, b2 = 2, 5, 4, 9, 8
-    x, A = rand(11, a2 * b2), rand(r, a1, a2)
-    B = (rand(r, b1, 1), rand(r, 1, b2)) if lowrank else rand(r, b1, b2)
+    x, A = rand(11, a2 * b2, grad=True), rand(r, a1, a2, grad=True)
+    B = (rand(r, b1, 1, grad=True), rand(r, 1, b2, grad=True)) if lowrank else rand(r, b1, b2, grad=True)
+    params = [x, A, *(B if lowrank else [B])]
     assert max(1, ref._CHUNK_ELEMENTS // (a2 * r * b1)) == 3
-    torch.testing.assert_close(svdkernels.kron_linear(x, A, B, scale=0.3), 0.3 * x @ dense_kron(A, B).T,
-                               rtol=1e-12, atol=1e-12)
+    y = svdkernels.kron_linear(x, A, B, scale=0.3)
+    want = 0.3 * x @ dense_kron(A, B).T
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    # Backward runs in chunks too (of 2 tokens here): gradients against the oracle's.
+    g = torch.randn_like(y)
+    for got, exp in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(want, params, g)):
+        torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
