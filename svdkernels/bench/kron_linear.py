@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from svdkernels.adapters import load_lokr
-from svdkernels.bench.runner import Peaks, Row, _GPU_PEAKS, bench_device, device_peaks, register, roofline_row, time_fn
+from svdkernels.bench.runner import Row, bench_device, device_peaks, register, roofline_row, table_peaks, time_fn
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,6 @@ def _time(fn, repeats: int) -> float:
     return time_fn(fn, repeats=repeats, warmup=1)[0]
 
 
-def _gpu_peaks() -> Peaks:
-    _, flops, bw = next(p for p in _GPU_PEAKS if p[0] == "H100")
-    return Peaks(dict(flops), bw, "table: H100 SXM")
-
-
 @register("kron_linear", count=lambda quick: 2 * len(workloads(quick)), legend=LEGEND)
 def bench_kron_linear(quick: bool, repeats: int) -> Iterator[Row | str]:
     """Forward and forward+backward of ours, peft LoKr and the frozen base."""
@@ -143,7 +138,7 @@ def bench_kron_linear(quick: bool, repeats: int) -> Iterator[Row | str]:
             t_kron = _time(lambda: kron_linear(x, A, B, scale=layer.scale), repeats)
         yield roofline_row(f"{wl.name} fwd", t_kron, elems * x.element_size(), {x.dtype: flops}, peaks,
                            what=f"kron_linear alone, measured {t_kron * 1e3:.2f} ms")
-        gpu = _gpu_peaks()
+        gpu = table_peaks("H100")
         gpu_row = roofline_row(f"{wl.name} fwd", t_kron, elems * 2, {torch.bfloat16: flops}, gpu)
         gpu_row.method = "roofline H100 bf16"
         gpu_row.note = (f"kron_linear alone on an H100 at the limit: {gpu_row.extra['bytes'] / 1e6:.1f} MB, "

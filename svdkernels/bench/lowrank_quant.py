@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from svdkernels.backends import select_backend
-from svdkernels.bench.runner import Row, device_peaks, register, roofline_row, time_fn
+from svdkernels.bench.runner import Row, device_peaks, register, roofline, roofline_row, table_peaks, time_fn
 from svdkernels.quant import dequantize_weight, lowrank_w4a16_linear, quantize_weight, unpack_int4
 
 CPU = torch.device("cpu")
@@ -257,3 +257,20 @@ def bench_lowrank_quant(quick: bool, repeats: int) -> Iterator[Row | str]:
         bytes_moved, flops = cost(wl)
         yield roofline_row(wl.name, rows[0].time_ms / 1e3, bytes_moved, flops, peaks,
                            what="int4 weight + bf16 scales and branch, read from DRAM")
+        yield gpu_roofline_row(wl, bytes_moved, flops)
+
+
+def gpu_roofline_row(wl: Workload, bytes_moved: float, flops: dict[torch.dtype, float]) -> Row:
+    """Where the kernel is meant to run: our bytes and FLOPs at an H100's limits,
+    against bf16 ``F.linear`` (weights 2 bytes each) at the same limits."""
+    gpu = table_peaks("H100")
+    ours = roofline(bytes_moved, flops, gpu)
+    dense_bytes = 2.0 * (wl.N * wl.K + wl.M * (wl.K + wl.N))
+    dense = roofline(dense_bytes, {torch.bfloat16: 2.0 * wl.M * wl.N * wl.K}, gpu)
+    return Row(
+        wl.name, "roofline H100 (GPU estimate)", ours.limit_s * 1e3, kind="roofline",
+        note=(f"ours {ours.bytes / 1e6:.1f} MB ({ours.bound}-bound) vs bf16 F.linear {dense.bytes / 1e6:.1f} MB "
+              f"({dense.bound}-bound) at {dense.limit_s * 1e3:.4f} ms: {dense.limit_s / ours.limit_s:.2f}x less time "
+              "at the limit"),
+        extra={"bytes": ours.bytes, "dense_bf16_bytes": dense.bytes, "dense_bf16_limit_ms": dense.limit_s * 1e3},
+    )

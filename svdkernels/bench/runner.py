@@ -208,6 +208,13 @@ _GPU_PEAKS: tuple[tuple[str, dict[str, float], float], ...] = (
 )
 
 
+def table_peaks(gpu: str = "H100") -> Peaks:
+    """Datasheet peaks of a GPU from the table, for rooflines of where a kernel
+    would run when the bench itself runs elsewhere (the CPU)."""
+    _, flops, bw = next(p for p in _GPU_PEAKS if p[0] == gpu)
+    return Peaks(dict(flops), bw, f"table: {gpu}")
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -63,3 +63,18 @@ def test_quick_bench_kron_linear(quick_run) -> None:
         if r["method"] in ("ours (KronLinear)", "peft LoKr"):
             assert r["errors"]["err"] < 1e-5, r  # both compute the same adapter in fp32
     assert sum(r["kind"] == "roofline" for r in rows) == 2
+
+
+def test_quick_bench_lowrank_quant(quick_run) -> None:
+    lines, doc = quick_run
+    assert "== lowrank_quant ==" in lines
+    rows = doc["families"]["lowrank_quant"]
+    for method in ("ours (lowrank_w4a16_linear)", "F.linear fp32", "_weight_int4pack_mm_for_cpu"):
+        found = [r for r in rows if r["method"] == method]
+        assert found, method
+        for r in found:
+            assert _finite(r["time_ms"]) and r["time_ms"] > 0, r
+            # bf16 outputs round at 2^-8; fp32 ones agree with float64 to ~1e-6.
+            assert r["errors"]["rel err"] < 5e-3, r
+    gpu = [r for r in rows if r["method"] == "roofline H100 (GPU estimate)"]
+    assert gpu and all(r["extra"]["dense_bf16_bytes"] > r["extra"]["bytes"] for r in gpu)
