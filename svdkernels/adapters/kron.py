@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from svdkernels.kpsvd import kpsvd
+from svdkernels.kpsvd import kpsvd, kron_sum
 from svdkernels.ops.kron_linear import factor_dims, kron_linear, normalize_factor
 from svdkernels.reference.kron_linear import compose
 
@@ -151,12 +151,10 @@ class KronLinear(nn.Module):
         W = self.base.weight.data
         sigma, A, B = kpsvd(W.float(), self.a_shape, self.b_shape, rank=rank, energy=energy,
                             elbow=elbow, seed=seed)
-        root = sigma.sqrt()[:, None, None]
-        A, B = A * root, B * root
         with torch.no_grad():
-            delta = torch.einsum("kps,kqt->pqst", A, B).reshape(W.shape)
-            W.copy_((W.float() - self.scale * delta).to(W.dtype))
-        return A.to(W.dtype).contiguous(), B.to(W.dtype).contiguous()
+            W.copy_((W.float() - self.scale * kron_sum(sigma, A, B)).to(W.dtype))
+        root = sigma.sqrt()[:, None, None]
+        return (A * root).to(W.dtype).contiguous(), (B * root).to(W.dtype).contiguous()
 
     def _init_factor(self, name, r, p, q, k, *, zero, gen, dtype, device) -> None:
         def kaiming(*shape: int) -> torch.Tensor:
@@ -219,11 +217,9 @@ class KronLinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The dense ``scale·Σ_i A_i ⊗ B_i`` ``[out, in]`` (for merging and tests only)."""
-        A = compose(_as_list(self.factor("A")))
-        B = compose(_as_list(self.factor("B")))
-        (a1, a2), (b1, b2) = self.a_shape, self.b_shape
-        W = torch.einsum("kps,kqt->pqst", A.float(), B.float()).reshape(a1 * b1, a2 * b2)
-        return self.scale * W
+        A = compose(normalize_factor("A", self.factor("A"))).float()
+        B = compose(normalize_factor("B", self.factor("B"))).float()
+        return self.scale * kron_sum(A.new_ones(A.shape[0]), A, B)
 
     # -- forward, merge -----------------------------------------------------------------
 
@@ -257,8 +253,4 @@ class KronLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.base.in_features}, out_features={self.base.out_features}, "
                 f"a_shape={self.a_shape}, b_shape={self.b_shape}, terms={self.num_terms}, scale={self.scale:g}")
-
-
-def _as_list(f: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
-    return [f] if isinstance(f, torch.Tensor) else list(f)
 

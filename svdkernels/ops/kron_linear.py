@@ -32,14 +32,12 @@ def factor_dims(name: str, factor: Sequence[torch.Tensor]) -> tuple[int, int, in
     for t in factor:
         if t.dim() != 3:
             raise ValueError(f"{name}: expected 3-D factor tensors after adding r, got shape {tuple(t.shape)}")
-    if len(factor) == 1:
-        r, p, q = factor[0].shape
-        return r, p, q
-    u, v = factor
-    if u.shape[0] != v.shape[0] or u.shape[2] != v.shape[1]:
-        raise ValueError(f"{name}: low-rank pair u [r, p, k], v [r, k, q] do not chain: "
-                         f"u {tuple(u.shape)}, v {tuple(v.shape)}")
-    return u.shape[0], u.shape[1], v.shape[2]
+    if len(factor) == 2:
+        u, v = factor
+        if u.shape[0] != v.shape[0] or u.shape[2] != v.shape[1]:
+            raise ValueError(f"{name}: low-rank pair u [r, p, k], v [r, k, q] do not chain: "
+                             f"u {tuple(u.shape)}, v {tuple(v.shape)}")
+    return reference.factor_dims(factor)
 
 
 def validate(x: torch.Tensor, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scale: float) -> None:
@@ -75,15 +73,11 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _dense(factor: Sequence[torch.Tensor]) -> torch.Tensor:
-    return reference.compose(factor)
-
-
 def _forward(x2: torch.Tensor, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
     if select_backend("kron_linear", x2.device) == "triton":
         from svdkernels.triton import kron_linear as triton_kron
 
-        return triton_kron.kron_linear(x2, _dense(A), _dense(B), scale)
+        return triton_kron.kron_linear(x2, reference.compose(A), reference.compose(B), scale)
     return reference.forward(x2, A, B, scale)
 
 
@@ -120,11 +114,11 @@ def kron_linear_backward_op(
 
         gx = gA = gB = None
         if needs_x:
-            gx = triton_kron.kron_linear(g2, _dense(reference.transpose(A)), _dense(reference.transpose(B)), scale)
+            gx = triton_kron.kron_linear(g2, reference.compose(reference.transpose(A)), reference.compose(reference.transpose(B)), scale)
         if needs_A or needs_B:
-            dA, dB = triton_kron.kron_linear_factor_grads(x2, g2, _dense(A), _dense(B), scale)
-            gA = reference._chain(A, dA) if needs_A else None
-            gB = reference._chain(B, dB) if needs_B else None
+            dA, dB = triton_kron.kron_linear_factor_grads(x2, g2, reference.compose(A), reference.compose(B), scale)
+            gA = reference.chain(A, dA) if needs_A else None
+            gB = reference.chain(B, dB) if needs_B else None
     else:
         gx, gA, gB = reference.backward(g2, x2, A, B, scale, (needs_x, needs_A, needs_B))
     gx = gx.reshape(x.shape) if gx is not None else x.new_empty(0)

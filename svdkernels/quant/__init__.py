@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from svdkernels.quant import packing
 from svdkernels.quant.packing import (
     GROUP_SIZE,
     UNSIGNED_SHIFT,
@@ -25,19 +26,7 @@ from svdkernels.quant.packing import (
 
 _OPS = ("lowrank_quantize_act", "lowrank_w4a4_gemm", "lowrank_w4a16_linear")
 
-__all__ = [
-    "GROUP_SIZE",
-    "UNSIGNED_SHIFT",
-    "compensate_unsigned_bias",
-    "dequantize_act",
-    "dequantize_weight",
-    "pack_int4",
-    "quantize_act",
-    "quantize_weight",
-    "unpack_int4",
-    *_OPS,
-]
-
+__all__ = [*packing.__all__, *_OPS]
 
 def __getattr__(name: str) -> Any:
     # The ops read the formats defined in this package (svdkernels.ops.lowrank_quant

@@ -129,8 +129,9 @@ def transpose(factor: Factor) -> list[torch.Tensor]:
     return [factor[1].transpose(1, 2), factor[0].transpose(1, 2)]
 
 
-def _chain(factor: Factor, grad_dense: torch.Tensor) -> list[torch.Tensor]:
-    # Gradients of [u, v] from that of the composed u·v.
+def chain(factor: Factor, grad_dense: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of a factor's tensors (``[dense]`` or ``[u, v]``) from that of the
+    composed ``[r, p, q]`` factor."""
     if len(factor) == 1:
         return [grad_dense]
     u, v = factor
@@ -180,7 +181,7 @@ def backward(
             g_B += torch.matmul(U.t(), Gc.reshape(n * a1, b1)).t()  # [b1, r·b2]
     grad_A = grad_B = None
     if needs[1]:
-        grad_A = _chain(A, (g_A * scale).view(a1, r, a2).transpose(0, 1).contiguous())
+        grad_A = chain(A, (g_A * scale).view(a1, r, a2).transpose(0, 1).contiguous())
     if needs[2]:
-        grad_B = _chain(B, (g_B * scale).view(b1, r, b2).transpose(0, 1).contiguous())
+        grad_B = chain(B, (g_B * scale).view(b1, r, b2).transpose(0, 1).contiguous())
     return grad_x, grad_A, grad_B

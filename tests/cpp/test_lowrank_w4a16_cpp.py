@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import svdkernels
+from svdkernels.testing.quant import random_w4a16_layer
 from svdkernels.backends import cpp_available, select_backend
 from svdkernels.quant import dequantize_weight, lowrank_w4a16_linear, quantize_weight
 from svdkernels.reference import lowrank_quant as reference
@@ -30,15 +31,6 @@ ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512", 3: "avx512bf16"}
 ISAS = list(range(torch.ops.svdkernels._cpp_best_isa() + 1))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 UNIT = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
-
-def make_layer(N, K, r, dtype, *, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    qweight, scales = quantize_weight(torch.randn(N, K, generator=g), dtype=dtype)
-    L_down = (torch.randn(r, K, generator=g) / K**0.5).to(dtype)
-    L_up = torch.randn(N, r, generator=g).to(dtype)
-    b = torch.randn(N, generator=g).to(dtype) if bias else None
-    return qweight, scales, L_down, L_up, b
 
 
 def check(y, x, layer):
@@ -63,7 +55,7 @@ def check(y, x, layer):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M", range(1, 17))
 def test_tokens_1_to_16(isa, dtype, M):
-    layer = make_layer(37, 192, 16, dtype, seed=M)  # 37 rows: full row blocks and a tail
+    layer = random_w4a16_layer(37, 192, 16, dtype, seed=M)  # 37 rows: full row blocks and a tail
     x = torch.randn(M, 192, generator=torch.Generator().manual_seed(100 + M)).to(dtype)
     check(OP(x, *layer, isa), x, layer)
 
@@ -78,7 +70,7 @@ def test_tokens_1_to_16(isa, dtype, M):
 )
 def test_shapes_ranks_bias(isa, M, N, K, r, bias):
     for dtype in (torch.bfloat16, torch.float32):
-        layer = make_layer(N, K, r, dtype, bias=bias)
+        layer = random_w4a16_layer(N, K, r, dtype, bias=bias)
         x = torch.randn(M, K).to(dtype)
         check(OP(x, *layer, isa), x, layer)
 
@@ -101,7 +93,7 @@ def test_every_nibble_value_and_zero_groups(isa, dtype):
 
 def test_paths_agree_to_rounding():
     # Different paths sum in different orders: equal up to float32 rounding.
-    layer = make_layer(96, 512, 32, torch.float32)
+    layer = random_w4a16_layer(96, 512, 32, torch.float32)
     x = torch.randn(9, 512)
     outs = [OP(x, *layer, isa) for isa in ISAS]
     for y in outs[1:]:
@@ -110,7 +102,7 @@ def test_paths_agree_to_rounding():
 
 @pytest.mark.parametrize("isa", ISAS, ids=ISA_NAMES.get)
 def test_deterministic_across_threads_and_batch(isa):
-    layer = make_layer(200, 1024, 32, torch.bfloat16)
+    layer = random_w4a16_layer(200, 1024, 32, torch.bfloat16)
     x = torch.randn(16, 1024).bfloat16()
     threads = torch.get_num_threads()
     try:
@@ -126,7 +118,7 @@ def test_deterministic_across_threads_and_batch(isa):
 
 
 def test_strided_x_and_empty():
-    layer = make_layer(48, 128, 16, torch.float32)
+    layer = random_w4a16_layer(48, 128, 16, torch.float32)
     wide = torch.randn(6, 256)
     assert torch.equal(OP(wide[:, ::2], *layer, -1), OP(wide[:, ::2].contiguous(), *layer, -1))
     assert OP(torch.randn(0, 128), *layer, -1).shape == (0, 48)
@@ -137,7 +129,7 @@ def test_strided_x_and_empty():
 def test_public_op_uses_cpp_by_default_and_reference_when_forced(monkeypatch):
     monkeypatch.delenv("SVDKERNELS_BACKEND", raising=False)
     assert select_backend("lowrank_w4a16_linear", torch.device("cpu"), has_cpp=True) == "cpp"
-    qweight, scales, L_down, L_up, b = layer = make_layer(64, 256, 32, torch.float32)
+    qweight, scales, L_down, L_up, b = layer = random_w4a16_layer(64, 256, 32, torch.float32)
     x = torch.randn(2, 3, 256)
     y = lowrank_w4a16_linear(x, qweight, scales, L_down=L_down, L_up=L_up, bias=b)
     assert torch.equal(y, OP(x.reshape(6, 256), *layer, -1).reshape(2, 3, 64))
@@ -147,7 +139,7 @@ def test_public_op_uses_cpp_by_default_and_reference_when_forced(monkeypatch):
 
 
 def test_internal_op_errors():
-    qweight, scales, L_down, L_up, b = make_layer(32, 128, 16, torch.float32)
+    qweight, scales, L_down, L_up, b = random_w4a16_layer(32, 128, 16, torch.float32)
     x = torch.randn(2, 128)
     with pytest.raises(ValueError, match="isa: expected -1 \\(auto\\) or 0"):
         OP(x, qweight, scales, L_down, L_up, b, 7)
@@ -164,14 +156,14 @@ def test_internal_op_errors():
 
 
 def test_opcheck_internal_op():
-    qweight, scales, L_down, L_up, b = make_layer(24, 128, 16, torch.bfloat16)
+    qweight, scales, L_down, L_up, b = random_w4a16_layer(24, 128, 16, torch.bfloat16)
     x = torch.randn(3, 128).bfloat16()
     torch.library.opcheck(OP, (x, qweight, scales, L_down, L_up, b, -1))
     torch.library.opcheck(OP, (x.float(), qweight, scales.float(), L_down[:0].float(), L_up[:, :0].float(), None, 0))
 
 
 def test_torch_compile_fullgraph_with_cpp_backend():
-    qweight, scales, L_down, L_up, b = make_layer(32, 128, 16, torch.bfloat16)
+    qweight, scales, L_down, L_up, b = random_w4a16_layer(32, 128, 16, torch.bfloat16)
 
     def f(x: torch.Tensor) -> torch.Tensor:
         return lowrank_w4a16_linear(x, qweight, scales, L_down=L_down, L_up=L_up, bias=b).float().relu()

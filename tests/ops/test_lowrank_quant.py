@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import svdkernels
+from svdkernels.testing.quant import random_w4a16_layer
 from svdkernels.backends import cpp_available
 from svdkernels.quant import (
     UNSIGNED_SHIFT,
@@ -33,16 +34,6 @@ def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     """``20·log10(‖ref‖/‖ref − out‖)`` in dB."""
     ref, out = ref.double(), out.double()
     return float(20 * torch.log10(ref.norm() / (ref - out).norm()))
-
-
-def make_layer(N, K, r, dtype, *, bias=True, seed=0):
-    """A random quantised layer: ``qweight, scales, L_down, L_up, bias``."""
-    g = torch.Generator().manual_seed(seed)
-    qweight, scales = quantize_weight(torch.randn(N, K, generator=g), dtype=dtype)
-    L_down = (torch.randn(r, K, generator=g) / K**0.5).to(dtype)
-    L_up = torch.randn(N, r, generator=g).to(dtype)
-    b = torch.randn(N, generator=g).to(dtype) if bias else None
-    return qweight, scales, L_down, L_up, b
 
 
 def w4a16_float64(x, qweight, scales, L_down, L_up, bias):
@@ -77,7 +68,7 @@ def assert_within(out, y64, bound, dtype):
     ids=lambda v: str(v),
 )
 def test_w4a16_against_float64(backend, dtype, lead, N, K, r, bias):
-    qweight, scales, L_down, L_up, b = make_layer(N, K, r, dtype, bias=bias)
+    qweight, scales, L_down, L_up, b = random_w4a16_layer(N, K, r, dtype, bias=bias)
     x = torch.randn(*lead, K).to(dtype)
     with svdkernels.use_backend(backend):
         y = lowrank_w4a16_linear(x, qweight, scales, L_down=L_down, L_up=L_up, bias=b)
@@ -103,7 +94,7 @@ def test_w4a16_low_rank_branch_and_bias_are_added(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_w4a16_zero_tokens_and_strided_x(backend):
-    qweight, scales, L_down, L_up, b = make_layer(16, 128, 16, torch.float32)
+    qweight, scales, L_down, L_up, b = random_w4a16_layer(16, 128, 16, torch.float32)
     with svdkernels.use_backend(backend):
         empty = lowrank_w4a16_linear(torch.randn(0, 128), qweight, scales, L_down=L_down, L_up=L_up, bias=b)
         assert empty.shape == (0, 16)
@@ -115,7 +106,7 @@ def test_w4a16_zero_tokens_and_strided_x(backend):
 
 
 def test_w4a16_errors():
-    qweight, scales, L_down, L_up, b = make_layer(32, 128, 16, torch.bfloat16)
+    qweight, scales, L_down, L_up, b = random_w4a16_layer(32, 128, 16, torch.bfloat16)
     x = torch.randn(2, 128).bfloat16()
 
     def call(**kw):
@@ -176,7 +167,7 @@ def test_quantize_act_matches_packing_and_down_projection(dtype, unsigned):
 
 
 def test_w4a4_zero_tokens():
-    qweight, scales, _, L_up, b = make_layer(16, 128, 0, torch.float32)
+    qweight, scales, _, L_up, b = random_w4a16_layer(16, 128, 0, torch.float32)
     xq, xscale = quantize_act(torch.randn(0, 128))
     y = lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act=torch.zeros(0, 0), L_up=L_up, bias=b)
     assert y.shape == (0, 16)
@@ -200,7 +191,7 @@ def test_w4a4_integer_products_are_exact():
 def test_w4a4_gemm_against_float64(dtype, unsigned):
     g = torch.Generator().manual_seed(3)
     N, K, r = 40, 256, 16
-    qweight, scales, _, L_up, b = make_layer(N, K, r, dtype, seed=3)
+    qweight, scales, _, L_up, b = random_w4a16_layer(N, K, r, dtype, seed=3)
     xq, xscale = quantize_act(F.gelu(torch.randn(2, 3, K, generator=g)), unsigned=unsigned)
     lowrank_act = torch.randn(2, 3, r, generator=g)
     y = lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act=lowrank_act, L_up=L_up, bias=b, unsigned=unsigned)
@@ -291,7 +282,7 @@ def test_w4a16_svdquant_branch_improves_sqnr():
 
 
 def test_w4a4_errors():
-    qweight, scales, _, L_up, b = make_layer(32, 128, 16, torch.bfloat16)
+    qweight, scales, _, L_up, b = random_w4a16_layer(32, 128, 16, torch.bfloat16)
     xq, xscale = quantize_act(torch.randn(3, 128))
     la = torch.randn(3, 16)
 
@@ -351,7 +342,7 @@ def test_forcing_a_missing_triton_kernel_is_an_error():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    qweight, scales, L_down, L_up, b = make_layer(24, 128, 16, torch.bfloat16)
+    qweight, scales, L_down, L_up, b = random_w4a16_layer(24, 128, 16, torch.bfloat16)
     x = torch.randn(2, 3, 128).bfloat16()
     xq, xscale, la = lowrank_quantize_act(x.float(), torch.rand(128) + 0.5, L_down.float())
     with svdkernels.use_backend(backend):
@@ -370,7 +361,7 @@ def test_opcheck(backend):
 
 
 def test_torch_compile_fullgraph():
-    qweight, scales, L_down, L_up, b = make_layer(32, 128, 16, torch.float32)
+    qweight, scales, L_down, L_up, b = random_w4a16_layer(32, 128, 16, torch.float32)
     smooth = torch.rand(128) + 0.5
 
     def f(x: torch.Tensor) -> torch.Tensor:
