@@ -7,10 +7,13 @@
 
 Schemas, fake (meta) implementations, input validation and backend dispatch. The
 math is in ``svdkernels/reference/lowrank_quant.py``; the packed formats in
-``svdkernels/quant/packing.py``. ``lowrank_w4a16_linear`` has a C++ CPU kernel
-(``csrc/cpu/lowrank_w4a16.cpp``, the internal op
-``torch.ops.svdkernels._cpp_lowrank_w4a16_linear``) used when ``svdkernels._C`` is
-built; everything else runs on the reference backend for now.
+``svdkernels/quant/packing.py``. Backends (``svdkernels/backends.py``): CUDA tensors
+run all three ops on the Triton kernels of ``svdkernels/triton/lowrank_quant.py``
+(int8 tensor cores, sm_80 and sm_90; on CPU tensors only when forced with
+``use_backend("triton")`` under ``TRITON_INTERPRET=1``); on the CPU
+``lowrank_w4a16_linear`` runs a C++ kernel (``csrc/cpu/lowrank_w4a16.cpp``, the
+internal op ``torch.ops.svdkernels._cpp_lowrank_w4a16_linear``) when
+``svdkernels._C`` is built, and everything else the reference.
 
 Every backend accumulates in float32 and is deterministic (no atomics).
 """
@@ -18,11 +21,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from types import ModuleType
 from typing import Optional
 
 import torch
 
-from svdkernels.backends import requested_backend, select_backend
+from svdkernels.backends import select_backend
 from svdkernels.quant.packing import (
     GROUP_SIZE,
     check_float,
@@ -200,16 +204,12 @@ def validate_w4a4(
     )
 
 
-def _backend(op: str, device: torch.device, *, has_cpp: bool = False) -> str:
-    """:func:`select_backend`, for ops whose Triton kernels do not exist yet: the
-    default on CUDA is then the reference; forcing ``triton`` is an error (never a
-    silent fallback)."""
-    name = select_backend(op, device, has_cpp=has_cpp)
-    if name == "triton":
-        if requested_backend() == "triton":
-            raise RuntimeError(f"{op}: backend 'triton' requested but {op} has no Triton kernel yet")
-        return "reference"
-    return name
+def _triton() -> ModuleType:
+    """``svdkernels.triton.lowrank_quant``, imported on first use (importing svdkernels
+    never imports triton)."""
+    from svdkernels.triton import lowrank_quant
+
+    return lowrank_quant
 
 
 # ---------------------------------------------------------------------------
@@ -227,7 +227,8 @@ def lowrank_w4a16_linear_op(
 ) -> torch.Tensor:
     """``torch.ops.svdkernels.lowrank_w4a16_linear``; see :func:`lowrank_w4a16_linear`."""
     validate_w4a16(x, qweight, scales, L_down, L_up, bias)
-    return _w4a16(_backend("lowrank_w4a16_linear", x.device, has_cpp=True), x, qweight, scales, L_down, L_up, bias)
+    backend = select_backend("lowrank_w4a16_linear", x.device, has_cpp=True)
+    return _w4a16(backend, x, qweight, scales, L_down, L_up, bias)
 
 
 def _w4a16(
@@ -246,6 +247,8 @@ def _w4a16(
         x2 = x.reshape(-1, x.shape[-1])  # a view for any x with a row-major last dim
         y = _cpp_w4a16()(x2, qweight, scales, L_down, L_up, bias, -1)
         return y.reshape(*x.shape[:-1], qweight.shape[0])
+    if backend == "triton":
+        return _triton().lowrank_w4a16_linear(x, qweight, scales, L_down, L_up, bias)
     return reference.lowrank_w4a16_linear(x, qweight, scales, L_down, L_up, bias)
 
 
@@ -297,7 +300,7 @@ def lowrank_w4a16_linear(
     """
     validate_w4a16(x, qweight, scales, L_down, L_up, bias)
     if not torch.compiler.is_compiling():
-        backend = _backend("lowrank_w4a16_linear", x.device, has_cpp=True)
+        backend = select_backend("lowrank_w4a16_linear", x.device, has_cpp=True)
         if backend == "cpp":
             # Eager decoding fast path: the C++ kernel directly, the very call the
             # op makes (identical results). The Python custom-op layer costs about
@@ -317,7 +320,8 @@ def lowrank_quantize_act_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.ops.svdkernels.lowrank_quantize_act``; see :func:`lowrank_quantize_act`."""
     validate_quantize_act(x, smooth, L_down)
-    _backend("lowrank_quantize_act", x.device)  # only checks a forced backend: reference only
+    if select_backend("lowrank_quantize_act", x.device) == "triton":
+        return _triton().lowrank_quantize_act(x, smooth, L_down, unsigned)
     return reference.lowrank_quantize_act(x, smooth, L_down, unsigned)
 
 
@@ -376,7 +380,8 @@ def lowrank_w4a4_gemm_op(
 ) -> torch.Tensor:
     """``torch.ops.svdkernels.lowrank_w4a4_gemm``; see :func:`lowrank_w4a4_gemm`."""
     validate_w4a4(xq, xscale, qweight, scales, lowrank_act, L_up, bias)
-    _backend("lowrank_w4a4_gemm", xq.device)  # only checks a forced backend: reference only
+    if select_backend("lowrank_w4a4_gemm", xq.device) == "triton":
+        return _triton().lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
     return reference.lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
 
 

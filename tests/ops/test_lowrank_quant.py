@@ -328,11 +328,12 @@ def test_quantize_act_errors():
         lowrank_quantize_act(torch.randn(2, 100), torch.ones(100), torch.randn(16, 100))
 
 
-def test_forcing_a_missing_triton_kernel_is_an_error():
-    # No Triton kernels yet: forcing the backend must fail rather than fall back.
+def test_forcing_triton_on_cpu_without_the_interpreter_is_an_error(monkeypatch):
+    # Forcing a backend never falls back silently: on CPU tensors Triton needs the interpreter.
     pytest.importorskip("triton")
+    monkeypatch.setattr(svdkernels.backends, "triton_interpreted", lambda: False)
     x = torch.randn(2, 128)
-    with svdkernels.use_backend("triton"), pytest.raises(RuntimeError, match="triton"):
+    with svdkernels.use_backend("triton"), pytest.raises(RuntimeError, match="needs CUDA tensors"):
         lowrank_quantize_act(x, torch.ones(128), torch.zeros(0, 128))
 
 
