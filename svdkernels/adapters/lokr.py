@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from svdkernels.adapters.kron import KronLinear, near_square_factors
+from svdkernels.adapters.modules import set_module
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -39,12 +40,6 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def load_lokr(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -101,7 +96,7 @@ def load_lokr(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
         layer = KronLinear.from_factors(base, factor("w1"), factor("w2"), scale=alpha / r)
         layer.to(base.weight.device)
-        _set_module(model, name, layer)
+        set_module(model, name, layer)
     return model
 
 

@@ -1,0 +1,218 @@
+"""``svdkernels.adapt``: wrap a model's linear layers in an SVD adapter, all at once.
+
+Layers are initialised per *shape group*: the weights of every target layer with
+the same ``(out, in)`` are stacked and factorised by one batched call
+(:func:`svdkernels.rsvd` for principal components, ``torch.linalg.svd`` where the
+tail is needed), instead of one SVD per layer as peft does.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from svdkernels.adapters.calibration import collect_inputs
+from svdkernels.adapters.kron import KronLinear
+from svdkernels.adapters.methods import METHODS, Init
+from svdkernels.adapters.modules import Targets, find_linears, set_module
+from svdkernels.adapters.svd_linear import SVDLinear
+from svdkernels.ops.rsvd import rsvd
+
+ALL_METHODS = (*METHODS, "soka")
+
+
+def residual_weight(W0: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``W0 − up·down`` computed in float32 and rounded once to ``W0.dtype``.
+
+    ``up [out, p]``, ``down [p, in]`` float32. The one place the residual is formed,
+    so :func:`svdkernels.adapters.load_adapter` rebuilds it bit for bit."""
+    return (W0.float() - up @ down).to(W0.dtype)
+
+
+def build_layer(base: nn.Linear, method: str, init: Init) -> SVDLinear:
+    """An :class:`SVDLinear` for ``base`` from ``init`` (factors cast to the weight's dtype)."""
+    W0 = base.weight.detach()
+    dtype, device = W0.dtype, W0.device
+
+    def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        # A fresh copy: init tensors may alias each other (PiSSA's A is also the removed
+        # part's ``down``), and the trainable ones change in place.
+        return None if t is None else t.to(dtype=dtype, device=device, copy=True).contiguous()
+
+    removed = None
+    if init.drop_weight:
+        weight = None
+    elif init.removed is not None:
+        removed = tuple(t.to(dtype=torch.float32, device=device, copy=True).contiguous() for t in init.removed)
+        weight = residual_weight(W0, *removed)
+    else:
+        weight = W0.clone()
+    salt = None if init.salt is None else {k: cast(v) for k, v in init.salt.items()}
+    bias = None if base.bias is None else base.bias.detach().clone()
+    return SVDLinear.from_parts(
+        method, weight=weight, bias=bias, A=cast(init.A), B=cast(init.B), scaling=init.scaling, E=cast(init.E),
+        N=cast(init.N), trainable=init.trainable, removed=removed, salt=salt, config=init.config)
+
+
+def _check_rank(rank: object, name: str, layer: nn.Linear, full_rank_ok: bool) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank: expected an int, got {type(rank).__name__}")
+    k = min(layer.in_features, layer.out_features)
+    top = k if full_rank_ok else k - 1
+    if not 1 <= rank <= top:
+        raise ValueError(f"rank: expected 1 <= rank <= {top} for layer {name!r} "
+                         f"({layer.out_features}x{layer.in_features}), got {rank}")
+    return rank
+
+
+def _check_finite(name: str, layer: nn.Linear) -> None:
+    if not torch.isfinite(layer.weight).all():
+        raise ValueError(f"{name}.weight: expected finite values, got NaN or inf")
+
+
+def _shape_groups(layers: dict[str, nn.Linear]) -> dict[tuple, list[str]]:
+    groups: dict[tuple, list[str]] = {}
+    for name, m in layers.items():
+        key = (m.out_features, m.in_features, m.weight.dtype, m.weight.device)
+        groups.setdefault(key, []).append(name)
+    return groups
+
+
+def eva_components(inputs: dict[str, torch.Tensor], rank: int, *, rho: float = 2.0, seed: int = 0
+                   ) -> dict[str, torch.Tensor]:
+    """EVA's data-driven ``A``: per layer the top principal directions of its
+    (centred) inputs, with ranks redistributed across layers.
+
+    Each layer offers up to ``round(rank·rho)`` components (peft's cap, ρ = 2); the
+    ``rank·L`` components with the largest explained-variance ratio over all layers
+    are kept. EVA runs incremental PCA batch by batch until the components stop
+    changing; here the PCA of all collected rows is taken at once (what it converges
+    to), by one :func:`svdkernels.rsvd` call per input size.
+
+    Returns ``{name: A [r_l, in]}`` (``r_l`` may be 0).
+    """
+    cap_of = {n: max(1, min(round(rank * rho), *X.shape)) for n, X in inputs.items()}
+    comps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    by_shape: dict[tuple, list[str]] = {}
+    for n, X in inputs.items():
+        by_shape.setdefault((tuple(X.shape), cap_of[n]), []).append(n)
+    for (shape, cap), names in by_shape.items():
+        X = torch.stack([inputs[n] for n in names])
+        X = X - X.mean(dim=1, keepdim=True)
+        total = X.pow(2).sum(dim=(1, 2))  # total variance (times n)
+        _, S, Vh = rsvd(X, cap, seed=seed)
+        for i, n in enumerate(names):
+            comps[n] = (S[i].pow(2) / total[i], Vh[i])
+    ratios = torch.cat([r for r, _ in comps.values()])
+    owners = [n for n, (r, _) in comps.items() for _ in range(r.shape[0])]
+    keep = torch.topk(ratios, min(rank * len(inputs), ratios.numel())).indices.tolist()
+    counts = dict.fromkeys(inputs, 0)
+    for i in keep:
+        counts[owners[i]] += 1
+    return {n: comps[n][1][: counts[n]].contiguous() for n in inputs}
+
+
+def adapt(
+    model: nn.Module,
+    method: str,
+    *,
+    rank: int = 16,
+    targets: Targets = None,
+    calib_batches: Optional[Iterable[Any]] = None,
+    alpha: Optional[float] = None,
+    seed: int = 0,
+    **method_kwargs: Any,
+) -> nn.Module:
+    """Wrap the target ``nn.Linear`` layers of ``model`` in an SVD adapter, in place.
+
+    Args:
+        model: any module; its target linear layers are replaced by
+            :class:`~svdkernels.adapters.SVDLinear` (``"soka"``: :class:`KronLinear`).
+        method: one of ``lora``, ``pissa``, ``milora``, ``svfit``, ``clip_svd``,
+            ``sorsa``, ``salt``, ``kasa``, ``corda``, ``eva``, ``nlora``, ``effort``,
+            ``adalora``, ``soka`` (parametrisations in ``svdkernels/adapters/methods.py``).
+        rank: adapter rank ``r`` (1 ≤ r ≤ min(out, in); ignored by ``clip_svd``; the
+            number of Kronecker terms for ``soka``; for ``eva`` the mean rank).
+        targets: which ``nn.Linear`` layers: ``None`` (all), a regex matching the whole
+            module name, or a list of names / dotted suffixes (peft's ``target_modules``).
+        calib_batches: model inputs (tensors, tuples or dicts) for ``corda`` and ``eva``.
+        alpha: branch scaling ``alpha / rank`` (default ``alpha = rank``: scaling 1).
+        seed: seed for the randomized SVD and random initialisations.
+        **method_kwargs: per method, e.g. ``corda_mode="kpm"``, ``gamma`` (SORSA),
+            ``salt_rank``, ``train_core_only`` (NLoRA), ``oversample``/``n_iter`` (rsvd),
+            ``rho`` (EVA), ``energy``/``elbow`` (SoKA).
+
+    Returns:
+        ``model``. Only the adapter's declared parameters have ``requires_grad=True``;
+        everything else in the model is left as it was (freeze the rest yourself, or use
+        :func:`svdkernels.adapters.mark_only_adapter_trainable`).
+    """
+    if method not in ALL_METHODS:
+        raise ValueError(f"method: expected one of {ALL_METHODS}, got {method!r}")
+    layers = find_linears(model, targets)
+    for name, layer in layers.items():
+        _check_finite(name, layer)
+    if method == "soka":
+        for name, layer in layers.items():
+            set_module(model, name, KronLinear(layer, init="soka", rank=rank, seed=seed, **method_kwargs))
+        return model
+    spec = METHODS[method]
+    if method != "clip_svd":
+        for name, layer in layers.items():
+            _check_rank(rank, name, layer, spec.full_rank_ok)
+    alpha = float(rank if alpha is None else alpha)
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha: expected a positive finite number, got {alpha}")
+    stats: dict[str, torch.Tensor] = {}
+    if spec.needs is not None:
+        if calib_batches is None:
+            raise ValueError(f"calib_batches: expected model inputs, method {method!r} needs layer inputs, got None")
+        stats = collect_inputs(model, layers, calib_batches, kind=spec.needs)
+    if method == "eva":
+        stats = eva_components(stats, rank, rho=method_kwargs.pop("rho", 2.0), seed=seed)
+    for (out_f, in_f, _, _), names in _shape_groups(layers).items():
+        W = torch.stack([layers[n].weight.detach().float() for n in names])
+        extra = {}
+        if method == "corda":
+            extra["covariance"] = torch.stack([stats[n] for n in names]).to(W.device)
+        if method == "eva":
+            extra["components"] = [stats[n].to(W.device) for n in names]
+        inits = spec.init(W, rank, seed=seed, alpha=alpha, **extra, **method_kwargs)
+        for name, init in zip(names, inits):
+            if init.A.shape[0] == 0:
+                continue  # EVA gave this layer no components: it stays a plain nn.Linear
+            set_module(model, name, build_layer(layers[name], method, init))
+    return model
+
+
+def adapter_layers(model: nn.Module) -> dict[str, SVDLinear]:
+    """Every :class:`SVDLinear` in ``model``, by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SVDLinear)}
+
+
+def mark_only_adapter_trainable(model: nn.Module) -> nn.Module:
+    """Freeze every parameter of ``model`` except those the adapters declare trainable."""
+    declared = {id(p) for m in model.modules() if isinstance(m, (SVDLinear, KronLinear))
+                for p in m.parameters(recurse=False) if p.requires_grad}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in declared)
+    return model
+
+
+def regularization_loss(model: nn.Module) -> torch.Tensor:
+    """The sum of every adapter layer's regulariser (SORSA, SALT, KaSA, Effort,
+    AdaLoRA; zero when no layer has one). Add it to the task loss."""
+    from svdkernels.adapters.methods import layer_regularizer
+
+    total: Optional[torch.Tensor] = None
+    for layer in adapter_layers(model).values():
+        r = layer_regularizer(layer)
+        if r is not None:
+            total = r if total is None else total + r
+    if total is None:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=None if p is None else p.device)
+    return total
