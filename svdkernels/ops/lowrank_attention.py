@@ -23,27 +23,24 @@ Conventions (shared by every backend):
 
 Inference only: the op has no autograd formula (a backward through it raises).
 
-Backends: ``reference`` everywhere. A Triton backend slots in as the module
-``svdkernels/triton/lowrank_attention.py`` with a function ``lowrank_attention`` of
-the reference's signature (:func:`svdkernels.reference.lowrank_attention.lowrank_attention`);
-until that module exists, CUDA tensors run on the reference and forcing ``triton``
-is an error.
+Backends: CUDA tensors (fp32/fp16/bf16) run the flash-decoding Triton kernel of
+``svdkernels/triton/lowrank_attention.py`` (T split across programs, a fixed-order
+combine; prefill folds Sq into the rows); everything else, and float64, runs the
+reference. Forcing ``triton`` on CPU tensors runs the kernel under the interpreter.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
-from svdkernels.backends import requested_backend, select_backend
+from svdkernels.backends import select_backend
 from svdkernels.reference import lowrank_attention as reference
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _LAYOUTS = {"neox": reference.ROPE_NEOX, "interleaved": reference.ROPE_INTERLEAVED}
-_TRITON_MODULE = "svdkernels.triton.lowrank_attention"
 
 
 @dataclass(frozen=True)
@@ -206,17 +203,6 @@ def check_seqlens_values(cache_seqlens: Optional[torch.Tensor], T: int) -> None:
 # The op
 
 
-def _backend(device: torch.device) -> str:
-    """The backend for ``device``; ``triton`` only once its module exists (forcing it
-    before then is an error, never a silent fallback)."""
-    name = select_backend("lowrank_attention", device)
-    if name == "triton" and importlib.util.find_spec(_TRITON_MODULE) is None:
-        if requested_backend() == "triton":
-            raise RuntimeError("lowrank_attention: backend 'triton' requested but it has no Triton kernel yet")
-        return "reference"
-    return name
-
-
 @torch.library.custom_op("svdkernels::lowrank_attention", mutates_args=())
 def lowrank_attention_op(
     q: torch.Tensor,
@@ -242,8 +228,10 @@ def lowrank_attention_op(
     check_seqlens_values(cache_seqlens, k_latent.shape[1])
     args = (q, k_latent, v_latent, k_basis, v_basis, cache_seqlens, causal, sm_scale,
             rope, rope_theta, rope_scaling, rope_layout, rotary_dim)
-    if _backend(q.device) == "triton":
-        kernels = importlib.import_module(_TRITON_MODULE)
+    if select_backend("lowrank_attention", q.device) == "triton":
+        # Imported on first use: importing svdkernels never imports triton.
+        from svdkernels.triton import lowrank_attention as kernels
+
         return kernels.lowrank_attention(*args)
     return reference.lowrank_attention(*args)
 
