@@ -1,7 +1,9 @@
 """Layer-input statistics for data-aware adapters (CorDA's covariance, EVA's inputs).
 
 Forward pre-hooks on the target layers record what each one sees while the model
-runs the calibration batches; the hooks are removed afterwards, also on errors.
+runs the calibration batches (:func:`svdkernels.batches.run_batches`: mappings such
+as a tokenizer's output are keyword arguments); the hooks are removed afterwards,
+also on errors.
 """
 from __future__ import annotations
 
@@ -11,15 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def run_batch(model: nn.Module, batch: Any) -> None:
-    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple/list, else ``model(batch)``."""
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
+from svdkernels.batches import run_batches
 
 
 @torch.no_grad()
@@ -51,16 +45,11 @@ def collect_inputs(
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers.items()]
-    n_batches = 0
     try:
-        for batch in calib_batches:
-            run_batch(model, batch)
-            n_batches += 1
+        run_batches(model, calib_batches)  # eval mode, no grad; ValueError when empty
     finally:
         for h in handles:
             h.remove()
-    if n_batches == 0:
-        raise ValueError("calib_batches: expected at least one batch, got an empty iterable")
     missing = [n for n, c in counts.items() if c == 0]
     if missing:
         raise ValueError(f"calib_batches: layers {missing[:4]} saw no input while the batches ran")

@@ -6,6 +6,11 @@
   :func:`compensate_unsigned_bias`, ``GROUP_SIZE``, ``UNSIGNED_SHIFT``.
 - Ops (``svdkernels/ops/lowrank_quant.py``): :func:`lowrank_w4a16_linear`,
   :func:`lowrank_quantize_act`, :func:`lowrank_w4a4_gemm`.
+- The layer (``linear.py``): :class:`LowRankQuantLinear` (``from_float``, ``merge_lora``).
+- Whole models (``model.py``, ``calibrate.py``): :func:`quantize_model` (SVDQuant
+  with calibration, smoothing search and refinement), :func:`quantize_model_rtn`
+  (the naive round-to-nearest baseline), :func:`layer_sqnr`.
+- Files (``io.py``): :func:`save_quantized`, :func:`load_quantized` (safetensors).
 """
 from __future__ import annotations
 
@@ -24,9 +29,35 @@ from svdkernels.quant.packing import (
     unpack_int4,
 )
 
+# After packing: the layer imports the ops, which import svdkernels.quant.packing.
+from svdkernels.quant.linear import LowRankQuantLinear
+from svdkernels.quant.calibrate import layer_sqnr
+from svdkernels.quant.model import (
+    DEFAULT_ALPHAS,
+    DEFAULT_REFINE_ITERS,
+    LayerChoice,
+    QuantConfig,
+    quantize_model,
+    quantize_model_rtn,
+)
+from svdkernels.quant.io import load_quantized, save_quantized
+
 _OPS = ("lowrank_quantize_act", "lowrank_w4a4_gemm", "lowrank_w4a16_linear")
 
-__all__ = [*packing.__all__, *_OPS]
+__all__ = [
+    *packing.__all__,
+    *_OPS,
+    "DEFAULT_ALPHAS",
+    "DEFAULT_REFINE_ITERS",
+    "LayerChoice",
+    "LowRankQuantLinear",
+    "QuantConfig",
+    "layer_sqnr",
+    "load_quantized",
+    "quantize_model",
+    "quantize_model_rtn",
+    "save_quantized",
+]
 
 def __getattr__(name: str) -> Any:
     # The ops read the formats defined in this package (svdkernels.ops.lowrank_quant

@@ -49,7 +49,7 @@ def _loss(model, head, batch, labels):
 def test_finetuning_lowers_the_loss_and_touches_only_the_adapter(method, task):
     batch, labels = task
     model = _model()
-    calib = [dict(batch)] if method in ("corda", "eva") else None
+    calib = [batch] if method in ("corda", "eva") else None
     adapt(model, method, rank=8, targets=["query", "value"], calib_batches=calib, seed=0)
     mark_only_adapter_trainable(model)
     head = torch.nn.Linear(384, 2)
