@@ -29,7 +29,7 @@ def residual_weight(W0: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> t
 
     ``up [out, p]``, ``down [p, in]`` float32. The one place the residual is formed,
     so :func:`svdkernels.adapters.load_adapter` rebuilds it bit for bit."""
-    return (W0.float() - up @ down).to(W0.dtype)
+    return torch.addmm(W0.float(), up, down, alpha=-1).to(W0.dtype)
 
 
 def build_layer(base: nn.Linear, method: str, init: Init) -> SVDLinear:
@@ -69,7 +69,11 @@ def _check_rank(rank: object, name: str, layer: nn.Linear, full_rank_ok: bool) -
 
 
 def _check_finite(name: str, layer: nn.Linear) -> None:
-    if not torch.isfinite(layer.weight).all():
+    W = layer.weight.detach()
+    # A finite sum proves every entry finite in one read-only pass (no temporaries);
+    # only a non-finite sum (which a huge finite weight could also cause) needs the
+    # entrywise check.
+    if not torch.isfinite(W.sum(dtype=torch.float64)) and not torch.isfinite(W).all():
         raise ValueError(f"{name}.weight: expected finite values, got NaN or inf")
 
 
