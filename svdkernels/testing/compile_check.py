@@ -207,6 +207,12 @@ def compile_all(
     return [(case, report) for (case, _), report in zip(pairs, reports)]
 
 
+def reports_by_case(cases: Sequence[CompileCase], ccs: Sequence[int] = (80, 90)) -> dict[tuple[str, int], CompileReport]:
+    """:func:`compile_all` keyed by ``(case.id, cc)``: what each kernel test module's
+    module-scoped ``reports`` fixture returns (one batch over all CPUs)."""
+    return {(case.id, report.cc): report for case, report in compile_all(cases, ccs)}
+
+
 def _compile_in_children(requests: Sequence[_Request], *, jobs: int | None) -> list[CompileReport]:
     """Build ``requests`` in child Pythons without ``TRITON_INTERPRET``; reports in order."""
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(requests)))

@@ -14,8 +14,8 @@ pytest.importorskip("triton.backends.nvidia.compiler")  # ptxas ships with the N
 from svdkernels.testing.compile_check import (  # noqa: E402
     CompileReport,
     check_report,
-    compile_all,
     compile_kernel,
+    reports_by_case,
 )
 from svdkernels.triton import rsvd as tr  # noqa: E402
 
@@ -26,7 +26,7 @@ CASES = list(tr.compile_cases())
 @pytest.fixture(scope="module")
 def reports():
     # One batch over all CPUs: a cold compile of all 112 builds takes ~40 s on 2 cores.
-    return {(case.id, report.cc): report for case, report in compile_all(CASES, CCS)}
+    return reports_by_case(CASES, CCS)
 
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm{cc}")

@@ -296,10 +296,10 @@ def test_compile_cases_cover_every_kernel_config_and_dtype():
 @pytest.fixture(scope="module")
 def reports():
     pytest.importorskip("triton.backends.nvidia.compiler")  # ptxas ships with the NVIDIA backend
-    from svdkernels.testing.compile_check import compile_all
+    from svdkernels.testing.compile_check import reports_by_case
 
     # One batch over all CPUs: a cold build of all 192 takes ~60 s on 2 cores, ~15 s cached.
-    return {(case.id, report.cc): report for case, report in compile_all(CASES, CCS)}
+    return reports_by_case(CASES, CCS)
 
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm{cc}")

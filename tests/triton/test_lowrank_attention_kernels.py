@@ -225,9 +225,9 @@ def test_compile_cases_cover_every_config_dtype_and_mode():
 @pytest.fixture(scope="module")
 def reports():
     pytest.importorskip("triton.backends.nvidia.compiler")  # ptxas ships with the NVIDIA backend
-    from svdkernels.testing.compile_check import compile_all
+    from svdkernels.testing.compile_check import reports_by_case
 
-    return {(case.id, report.cc): report for case, report in compile_all(COMPILE_CASES, CCS)}
+    return reports_by_case(COMPILE_CASES, CCS)
 
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm{cc}")

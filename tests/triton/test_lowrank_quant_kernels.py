@@ -442,9 +442,9 @@ def test_compile_cases_cover_every_kernel_config_and_dtype():
 @pytest.fixture(scope="module")
 def reports():
     pytest.importorskip("triton.backends.nvidia.compiler")  # ptxas ships with the NVIDIA backend
-    from svdkernels.testing.compile_check import compile_all
+    from svdkernels.testing.compile_check import reports_by_case
 
-    return {(case.id, report.cc): report for case, report in compile_all(CASES, CCS)}
+    return reports_by_case(CASES, CCS)
 
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm{cc}")
