@@ -45,9 +45,7 @@ def test_init(benchmark, workload: family.InitWorkload, which: str) -> None:
         return get_peft_model(m, cfg)
 
     model = benchmark.pedantic(init, rounds=1, iterations=1)
-    weights = {n: m.weight.detach() for n, m in base.named_modules() if isinstance(m, nn.Linear)}
-    tails = {n: float(torch.linalg.svdvals(W.double())[family.RANK:].pow(2).sum().sqrt()) for n, W in weights.items()}
-    ratios = family._subspace_ratios(model, weights, tails)
+    ratios = family.subspace_ratios(model, family.optimal_errors(base))
     benchmark.extra_info["ratio_mean"] = sum(ratios) / len(ratios)
     benchmark.extra_info["ratio_max"] = max(ratios)
 
@@ -58,7 +56,7 @@ def test_step(benchmark, workload: family.StepWorkload, method: str) -> None:
     base = nn.Linear(workload.d, workload.d, bias=False)
     base.weight.requires_grad_(False)
     calib = [torch.randn(256, workload.d, generator=gen)]
-    model = base if method == "frozen" else family._step_model(method, workload, base, calib)
+    model = base if method == "frozen" else family._step_model(method, base, calib)
     x = torch.randn(workload.tokens, workload.d, generator=gen, requires_grad=True)
     g = torch.randn(workload.tokens, workload.d, generator=gen)
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from svdkernels.adapters.calibration import collect_inputs
 from svdkernels.adapters.kron import KronLinear
-from svdkernels.adapters.methods import METHODS, Init
+from svdkernels.adapters.methods import METHODS, Init, layer_regularizer
 from svdkernels.adapters.modules import Targets, find_linears, set_module
 from svdkernels.adapters.svd_linear import SVDLinear
 from svdkernels.ops.rsvd import rsvd
@@ -209,8 +209,6 @@ def mark_only_adapter_trainable(model: nn.Module) -> nn.Module:
 def regularization_loss(model: nn.Module) -> torch.Tensor:
     """The sum of every adapter layer's regulariser (SORSA, SALT, KaSA, Effort,
     AdaLoRA; zero when no layer has one). Add it to the task loss."""
-    from svdkernels.adapters.methods import layer_regularizer
-
     total: Optional[torch.Tensor] = None
     for layer in adapter_layers(model).values():
         r = layer_regularizer(layer)

@@ -59,11 +59,6 @@ def _kaiming(shape: tuple[int, ...], gen: torch.Generator, fan_in: int) -> Tenso
     return (torch.rand(*shape, generator=gen) * 2 - 1) / math.sqrt(fan_in)
 
 
-def _principal(W: Tensor, rank: int, seed: int, oversample: int, n_iter: int) -> tuple[Tensor, Tensor, Tensor]:
-    U, S, Vh = rsvd(W, rank, oversample=oversample, n_iter=n_iter, seed=seed)
-    return U, S, Vh
-
-
 def _exact(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch.linalg.svd(W, full_matrices=False)
 
@@ -102,7 +97,7 @@ def _init_lora(W: Tensor, rank: int, *, seed: int, alpha: float, **_: Any) -> li
 def _init_pissa(W: Tensor, rank: int, *, seed: int, alpha: float, oversample: int = 10, n_iter: int = 2,
                 **_: Any) -> list[Init]:
     """PiSSA (Meng et al. 2024): the principal ``r`` components in ``A``, ``B``; residual frozen."""
-    U, S, Vh = _principal(W, rank, seed, oversample, n_iter)
+    U, S, Vh = rsvd(W, rank, oversample=oversample, n_iter=n_iter, seed=seed)
     return _pissa_like(U, S, Vh, alpha / rank)
 
 
@@ -118,7 +113,7 @@ def _init_svfit(W: Tensor, rank: int, *, seed: int, oversample: int = 10, n_iter
     The paper picks ``r`` capturing > 99% of the energy; here ``rank`` is given
     (``svdkernels.select_rank(S, energy=0.99)`` computes the paper's choice).
     """
-    U, S, Vh = _principal(W, rank, seed, oversample, n_iter)
+    U, S, Vh = rsvd(W, rank, oversample=oversample, n_iter=n_iter, seed=seed)
     return _spectral(U, S, Vh, ("lora_E",))
 
 
@@ -141,7 +136,7 @@ def _init_sorsa(W: Tensor, rank: int, *, seed: int, gamma: float = 4e-4, oversam
     :func:`regularization_loss` returns) it is scaled by the learning rate instead,
     so ``gamma`` defaults to the paper's 4e-4 and may need rescaling.
     """
-    U, S, Vh = _principal(W, rank, seed, oversample, n_iter)
+    U, S, Vh = rsvd(W, rank, oversample=oversample, n_iter=n_iter, seed=seed)
     return _spectral(U, S, Vh, ("lora_A", "lora_E", "lora_B"), {"gamma": gamma})
 
 

@@ -63,6 +63,7 @@ class SVDLinear(nn.Module):
         self.method = method
         self.scaling = float(scaling)
         self.merged = False
+        self._weight_was_none = False  # merge() of a CLIP-SVD layer creates the weight
         self.config: dict = {}
         self.weight: Optional[nn.Parameter] = None
         self.bias: Optional[nn.Parameter] = None
@@ -206,7 +207,7 @@ class SVDLinear(nn.Module):
         """Undo :meth:`merge` (to the weight dtype's rounding)."""
         if not self.merged:
             return
-        if getattr(self, "_weight_was_none", False):
+        if self._weight_was_none:
             self.weight = None
             self._weight_was_none = False
         else:

@@ -97,8 +97,15 @@ def _init_model(wl: InitWorkload) -> nn.Module:
     return model
 
 
-def _subspace_ratios(model: nn.Module, pairs: dict[str, torch.Tensor], tails: dict[str, float]) -> list[float]:
-    return [float(torch.linalg.matrix_norm(pairs[n] - BA) / tails[n])
+def optimal_errors(base: nn.Module) -> dict[str, tuple[torch.Tensor, float]]:
+    """Per linear layer of ``base``: its weight and Eckart–Young's rank-``RANK`` error."""
+    return {n: (m.weight.detach().clone(), float(torch.linalg.svdvals(m.weight.double())[RANK:].pow(2).sum().sqrt()))
+            for n, m in base.named_modules() if isinstance(m, nn.Linear)}
+
+
+def subspace_ratios(model: nn.Module, optimal: dict[str, tuple[torch.Tensor, float]]) -> list[float]:
+    """``‖W − s·B·A‖_F`` over the optimal rank-``RANK`` error, per adapted layer."""
+    return [float(torch.linalg.matrix_norm(optimal[n][0] - BA) / optimal[n][1])
             for n, BA in _principal_parts(model).items()]
 
 
@@ -119,8 +126,7 @@ def _bench_init(wl: InitWorkload, repeats: int) -> Iterator[Row | str]:
 
     yield wl.name
     base = _init_model(wl)
-    weights = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, nn.Linear)}
-    tails = {n: float(torch.linalg.svdvals(W.double())[RANK:].pow(2).sum().sqrt()) for n, W in weights.items()}
+    optimal = optimal_errors(base)
     runs = {
         "ours (adapt pissa, batched rsvd)": lambda m: adapt(m, "pissa", rank=RANK, seed=0),
         "peft pissa_niter_4": lambda m: get_peft_model(m, LoraConfig(
@@ -133,13 +139,13 @@ def _bench_init(wl: InitWorkload, repeats: int) -> Iterator[Row | str]:
         # One warm-up (first-call costs of either library); the last model is kept for
         # its error, earlier ones are freed as a one-off initialisation would.
         t, model = time_fn(lambda: fn(copy.deepcopy(base)), repeats=reps, warmup=1, device=torch.device("cpu"))
-        ratios = _subspace_ratios(model, weights, tails)
+        ratios = subspace_ratios(model, optimal)
         yield Row(wl.name, label, t * 1e3, kind="ours" if label.startswith("ours") else "peer",
                   errors={"ratio": sum(ratios) / len(ratios)},
                   note=f"max ratio {max(ratios):.4f} over {len(ratios)} layers")
 
 
-def _step_model(method: str, wl: StepWorkload, base: nn.Linear, calib: list[torch.Tensor]) -> nn.Module:
+def _step_model(method: str, base: nn.Linear, calib: list[torch.Tensor]) -> nn.Module:
     model = nn.Sequential(copy.deepcopy(base))
     if method == "peft LoRA":
         from peft import LoraConfig, get_peft_model
@@ -175,7 +181,7 @@ def _bench_step(wl: StepWorkload, repeats: int) -> Iterator[Row | str]:
     frozen = base.to(device)
     t_base = time_fn(step(frozen), repeats=repeats)[0]
     for method in (*[m for m in ALL_METHODS if m != "soka"], "peft LoRA"):
-        model = _step_model(method, wl, base, calib).to(device)
+        model = _step_model(method, base, calib).to(device)
         with torch.no_grad():
             y = model(x)
             if method == "peft LoRA":

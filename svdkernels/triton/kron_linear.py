@@ -72,6 +72,7 @@ import torch
 import triton
 import triton.language as tl
 
+from svdkernels.triton.common import check_device, interpreted
 from svdkernels.triton.rsvd import _dot_acc, _round_mantissa
 
 if TYPE_CHECKING:
@@ -388,21 +389,13 @@ def pick_config(kernel: str, a1: int, a2: int, b1: int, b2: int) -> Config:
 # --------------------------------------------------------------------------- launchers
 
 
-def _interpreted() -> bool:
-    """Whether the kernels were built by the interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return not isinstance(_kron_linear_kernel, triton.runtime.JITFunction)
-
 
 def _check_tensor(name: str, t: torch.Tensor, dim: int, layout: str) -> None:
     if t.dim() != dim:
         raise ValueError(f"{name}: expected a {dim}-D tensor {layout}, got shape {tuple(t.shape)}")
     if t.dtype not in _COMPUTE:
         raise TypeError(f"{name}: expected one of {tuple(_COMPUTE)}, got {t.dtype}")
-    if t.device.type != "cuda" and not _interpreted():
-        raise ValueError(
-            f"{name}: the triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 set "
-            f"before triton is imported), got device {t.device}"
-        )
+    check_device(name, t)
 
 
 def _check_factors(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -429,7 +422,7 @@ def _options(dtype: torch.dtype, config: Config) -> dict[str, object]:
     compute = _COMPUTE[dtype]
     return dict(
         COMPUTE=compute,
-        BF16_EMULATED=compute == tl.bfloat16 and _interpreted(),
+        BF16_EMULATED=compute == tl.bfloat16 and interpreted(),
         BLOCK_T=config.BLOCK_T,
         BLOCK_A1=config.BLOCK_A1,
         BLOCK_A2=config.BLOCK_A2,

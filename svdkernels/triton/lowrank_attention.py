@@ -63,6 +63,7 @@ import triton.language as tl
 
 from svdkernels.backends import requested_backend
 from svdkernels.reference import lowrank_attention as reference
+from svdkernels.triton.common import interpreted
 from svdkernels.triton.rsvd import _dot_acc
 
 if TYPE_CHECKING:
@@ -271,10 +272,6 @@ def _pow2_tile(block: int, n: int) -> int:
 # --------------------------------------------------------------------------- launcher
 
 
-def _interpreted() -> bool:
-    """Whether the kernels were built by the interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return not isinstance(_split_kernel, triton.runtime.JITFunction)
-
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
@@ -292,7 +289,7 @@ def _auto_splits(programs: int, tiles: int, device: torch.device) -> int:
 
 def _options(dtype: torch.dtype, cfg: Config) -> dict[str, object]:
     compute = _COMPUTE[dtype]
-    return dict(COMPUTE=compute, BF16_EMULATED=compute == tl.bfloat16 and _interpreted(),
+    return dict(COMPUTE=compute, BF16_EMULATED=compute == tl.bfloat16 and interpreted(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=_MAXNREG[compute])
 
 

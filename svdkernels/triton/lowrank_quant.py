@@ -67,6 +67,7 @@ import triton
 import triton.language as tl
 
 from svdkernels.quant.packing import GROUP_SIZE, UNSIGNED_SHIFT
+from svdkernels.triton.common import interpreted
 from svdkernels.triton.rsvd import _dot_acc, _round_mantissa
 
 if TYPE_CHECKING:
@@ -381,13 +382,9 @@ def pick_quant_config(M: int) -> Config:
 # --------------------------------------------------------------------------- launchers
 
 
-def _interpreted() -> bool:
-    """Whether the kernels were built by the interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return not isinstance(_w4a4_gemm_kernel, triton.runtime.JITFunction)
-
 
 def _bf16_emulated(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and _interpreted()
+    return dtype == torch.bfloat16 and interpreted()
 
 
 def _gemm_grid(M: int, N: int, config: Config) -> tuple[int]:

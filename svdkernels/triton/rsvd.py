@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from svdkernels.reference import rsvd as reference
+from svdkernels.triton.common import check_device, interpreted
 
 if TYPE_CHECKING:
     from svdkernels.testing.compile_check import CompileCase
@@ -318,10 +319,6 @@ def pick_config(kernel: str, width: int) -> Config:
 # --------------------------------------------------------------------------- launchers
 
 
-def _interpreted() -> bool:
-    """Whether the kernels were built by the interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return not isinstance(_matmul_kernel, triton.runtime.JITFunction)
-
 
 def _compute_dtype(dtype: torch.dtype) -> tl.dtype:
     if dtype not in _COMPUTE:
@@ -334,18 +331,14 @@ def _check_operand(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected a 3-D tensor [B, rows, cols], got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-    if t.device.type != "cuda" and not _interpreted():
-        raise ValueError(
-            f"{name}: the triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 set "
-            f"before triton is imported), got device {t.device}"
-        )
+    check_device(name, t)
 
 
 def _launch_options(dtype: torch.dtype, config: Config) -> dict[str, object]:
     compute = _compute_dtype(dtype)
     return dict(
         COMPUTE=compute,
-        BF16_EMULATED=compute == tl.bfloat16 and _interpreted(),
+        BF16_EMULATED=compute == tl.bfloat16 and interpreted(),
         BLOCK_M=config.BLOCK_M,
         BLOCK_N=config.BLOCK_N,
         BLOCK_K=config.BLOCK_K,

@@ -1,13 +1,8 @@
-"""Shared by the tests of ``svdkernels.kv``."""
+"""Shared by the tests of ``svdkernels.kv``: every test here runs on one thread
+(``one_thread`` in tests/conftest.py; the problems are tiny)."""
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: with more than one intra-op thread, OpenMP wake-ups cost more
-    than the work, and on a busy machine (other processes on the cores) far more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _kv_one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)

@@ -13,13 +13,7 @@ from svdkernels.testing.errors import assert_raises_naming
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: with more than one intra-op thread, OpenMP wake-ups cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def rope_oracle(x: torch.Tensor, positions: torch.Tensor, rope: svdkernels.RoPE) -> torch.Tensor:
