@@ -6,12 +6,12 @@ initialises CUDA, imports triton, compiles or downloads anything.
 from svdkernels import adapters, quant
 from svdkernels.adapters.adapt import adapt
 from svdkernels.backends import use_backend
-from svdkernels.kpsvd import kpsvd
+from svdkernels.linalg import kpsvd
 from svdkernels.ops.kron_linear import kron_linear
 from svdkernels.ops.lowrank_attention import RoPE, lowrank_attention, lowrank_attention_with_tail, merge_attention
 from svdkernels.ops.lowrank_quant import lowrank_quantize_act, lowrank_w4a4_gemm, lowrank_w4a16_linear
 from svdkernels.ops.rsvd import rsvd
-from svdkernels.spectral import select_rank
+from svdkernels.linalg import select_rank
 from svdkernels import kv
 
 __all__ = [

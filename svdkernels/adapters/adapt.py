@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from svdkernels.adapters.calibration import collect_inputs
+from svdkernels.calibration import collect_input_stats
 from svdkernels.adapters.kron import KronLinear
 from svdkernels.adapters.methods import METHODS, Init, layer_regularizer
 from svdkernels.adapters.modules import Targets, find_linears, set_module
@@ -174,7 +174,7 @@ def adapt(
     if spec.needs is not None:
         if calib_batches is None:
             raise ValueError(f"calib_batches: expected model inputs, method {method!r} needs layer inputs, got None")
-        stats = collect_inputs(model, layers, calib_batches, kind=spec.needs)
+        stats = _layer_inputs(model, layers, calib_batches, kind=spec.needs)
     if method == "eva":
         stats = eva_components(stats, rank, rho=method_kwargs.pop("rho", 2.0), seed=seed)
     for (out_f, in_f, _, _), names in _shape_groups(layers).items():
@@ -190,6 +190,22 @@ def adapt(
                 continue  # EVA gave this layer no components: it stays a plain nn.Linear
             set_module(model, name, build_layer(layers[name], method, init))
     return model
+
+
+def _layer_inputs(
+    model: nn.Module, layers: dict[str, nn.Linear], calib_batches: Any, *, kind: str, max_rows: int = 8192
+) -> dict[str, torch.Tensor]:
+    """Per layer name, from one pass over ``calib_batches``: ``kind="covariance"``,
+    ``XᵀX/n [in, in]`` float64 over every input row (CorDA); ``kind="inputs"``, the
+    first ``max_rows`` input rows ``[n, in]`` float32 (EVA)."""
+    covariance = kind == "covariance"
+    # The covariance needs no rows: keep one instead of max_rows per layer.
+    keep = 1 if covariance else max_rows
+    stats = collect_input_stats(model, layers, calib_batches, max_rows=keep, rows="first", gram=covariance)
+    missing = [n for n in layers if n not in stats]
+    if missing:
+        raise ValueError(f"calib_batches: layers {missing[:4]} saw no input while the batches ran")
+    return {n: stats[n].covariance if covariance else stats[n].rows for n in layers}
 
 
 def adapter_layers(model: nn.Module) -> dict[str, SVDLinear]:

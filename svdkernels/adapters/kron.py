@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from svdkernels.kpsvd import kpsvd, kron_sum
+from svdkernels.linalg.kpsvd import kpsvd, kron_sum
 from svdkernels.ops.kron_linear import factor_dims, kron_linear, normalize_factor
 from svdkernels.reference.kron_linear import compose
 

@@ -7,7 +7,7 @@
 
 Schemas, fake (meta) implementations, input validation and backend dispatch. The
 math is in ``svdkernels/reference/lowrank_quant.py``; the packed formats in
-``svdkernels/quant/packing.py``. Backends (``svdkernels/backends.py``): CUDA tensors
+``svdkernels/formats/int4.py``. Backends (``svdkernels/backends.py``): CUDA tensors
 run all three ops on the Triton kernels of ``svdkernels/triton/lowrank_quant.py``
 (int8 tensor cores, sm_80 and sm_90; on CPU tensors only when forced with
 ``use_backend("triton")`` under ``TRITON_INTERPRET=1``); on the CPU
@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from svdkernels.backends import select_backend
-from svdkernels.quant.packing import (
+from svdkernels.formats.int4 import (
     GROUP_SIZE,
     check_float,
     check_group_dim,
@@ -354,7 +354,7 @@ def lowrank_quantize_act(
     Returns:
         ``xq [..., K/2]`` uint8 and ``xscale [..., K/64]`` float32: per token and group
         of 64, scale ``absmax/7`` (``max/15`` unsigned), layout in
-        ``svdkernels/quant/packing.py``; and ``lowrank_act [..., r] = x·L_downᵀ`` in
+        ``svdkernels/formats/int4.py``; and ``lowrank_act [..., r] = x·L_downᵀ`` in
         float32.
     """
     validate_quantize_act(x, smooth, L_down)

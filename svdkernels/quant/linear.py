@@ -23,7 +23,7 @@ into the weight, where the low-rank branch absorbs them. The layer computes
   ``R = W − L_up·L_down`` is quantised unsmoothed; ``smooth`` is kept for the record.
 
 Weights are int4 with one scale per group of 64 along ``K``
-(``svdkernels/quant/packing.py``), so ``K`` must be a multiple of 64 and the rank
+(``svdkernels/formats/int4.py``), so ``K`` must be a multiple of 64 and the rank
 a multiple of 16 (0 allowed: plain round-to-nearest int4).
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from svdkernels.ops.lowrank_quant import (
     validate_w4a16,
 )
 from svdkernels.ops.rsvd import rsvd
-from svdkernels.quant.packing import (
+from svdkernels.formats.int4 import (
     check_float,
     check_group_dim,
     check_tensor,
@@ -194,7 +194,7 @@ class LowRankQuantLinear(nn.Module):
 
     Buffers (the layer has no trainable parameters):
 
-    - ``qweight [N, K/2]`` uint8: packed int4 residual (``svdkernels/quant/packing.py``);
+    - ``qweight [N, K/2]`` uint8: packed int4 residual (``svdkernels/formats/int4.py``);
     - ``scales [N, K/64]``: its per-group scales, in the layer's *compute dtype*;
     - ``L_down [r, K]`` (holding ``1/λ``) and ``L_up [N, r]``, compute dtype;
     - ``smooth [K]`` float32: the smoothing factors ``λ`` (ones: no smoothing);

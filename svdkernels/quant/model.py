@@ -5,7 +5,7 @@ Outliers by Low-Rank Components for 4-Bit Diffusion Models"; Nunchaku).
 :class:`~svdkernels.quant.linear.LowRankQuantLinear`:
 
 1. calibration: one pass over ``calib_batches`` with forward hooks
-   (:mod:`svdkernels.quant.calibrate`) records, per layer, per-channel input
+   (:mod:`svdkernels.calibration`) records, per layer, per-channel input
    statistics and a sample of up to 512 input rows (every layer sees the float
    model's activations);
 2. per layer and for every ``α`` of the grid, the smoothing factors
@@ -64,7 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from svdkernels.quant.calibrate import DEFAULT_MAX_ROWS, InputStats, collect_input_stats, sqnr_db
+from svdkernels.calibration import DEFAULT_MAX_ROWS, InputStats, collect_input_stats
+from svdkernels.quant.evaluate import sqnr_db
 from svdkernels.quant.linear import (
     DEFAULT_REFINE_ITERS,
     WEIGHTS,
@@ -73,7 +74,7 @@ from svdkernels.quant.linear import (
     check_rank,
     decompose,
 )
-from svdkernels.quant.packing import GROUP_SIZE, UNSIGNED_SHIFT, dequantize_act, quantize_act
+from svdkernels.formats.int4 import GROUP_SIZE, UNSIGNED_SHIFT, dequantize_act, quantize_act
 
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))
 """The grid of smoothing exponents searched per layer."""

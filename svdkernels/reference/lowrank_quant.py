@@ -3,7 +3,7 @@
 SVDQuant (Li et al. 2024) keeps a linear weight as ``W ≈ L_up·L_down + R``: a
 16-bit low-rank branch of rank ``r`` that absorbs the weight's largest components
 (and, after smoothing, the activations' outliers), and a residual ``R`` stored in
-int4 (formats in ``svdkernels/quant/packing.py``). With smoothing factors ``λ``
+int4 (formats in ``svdkernels/formats/int4.py``). With smoothing factors ``λ``
 (per input channel) folded in, a layer computes::
 
     y = Q(x/λ)·Q(R)ᵀ + (x·L_downᵀ)·L_upᵀ + bias        (L_down already holds 1/λ)
@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from svdkernels.quant.packing import GROUP_SIZE, dequantize_weight, quantize_act, unpack_int4
+from svdkernels.formats.int4 import GROUP_SIZE, dequantize_weight, quantize_act, unpack_int4
 
 
 def lowrank_branch(x: torch.Tensor, L_down: torch.Tensor, L_up: torch.Tensor) -> torch.Tensor:

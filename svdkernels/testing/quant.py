@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from svdkernels.quant.packing import quantize_weight
+from svdkernels.formats.int4 import quantize_weight
 
 
 def random_w4a16_layer(

@@ -3,7 +3,7 @@ by Low-Rank Components for 4-Bit Diffusion Models"):
 
     y = Q(x/λ)·Q(R)ᵀ + (x·L_downᵀ)·L_upᵀ + bias
 
-Packed formats (``svdkernels/quant/packing.py``): ``qweight [N, K/2]`` and ``xq [M, K/2]``
+Packed formats (``svdkernels/formats/int4.py``): ``qweight [N, K/2]`` and ``xq [M, K/2]``
 uint8 with the even ``k`` in the low nibble; groups of 64 along ``K`` (32 bytes);
 ``scales [N, K/64]`` in the activation dtype, ``xscale [M, K/64]`` float32.
 
@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from svdkernels.quant.packing import GROUP_SIZE, UNSIGNED_SHIFT
+from svdkernels.formats.int4 import GROUP_SIZE, UNSIGNED_SHIFT
 from svdkernels.triton.common import interpreted
 from svdkernels.triton.rsvd import _dot_acc, _round_mantissa
 

@@ -1,5 +1,5 @@
 """quantize_model / quantize_model_rtn (svdkernels/quant/model.py) and the
-calibration hooks (svdkernels/quant/calibrate.py) on a toy MLP with a GELU."""
+calibration hooks (svdkernels/calibration.py) on a toy MLP with a GELU."""
 import math
 
 import pytest
@@ -14,7 +14,7 @@ from svdkernels.quant import (
     quantize_model,
     quantize_model_rtn,
 )
-from svdkernels.quant.calibrate import collect_input_stats
+from svdkernels.calibration import collect_input_stats
 from svdkernels.quant.linear import decompose
 from svdkernels.quant.model import candidate_output
 from svdkernels.testing.errors import assert_raises_naming

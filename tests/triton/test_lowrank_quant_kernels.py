@@ -28,7 +28,7 @@ from svdkernels.ops.lowrank_quant import (  # noqa: E402
     lowrank_w4a4_gemm,
     lowrank_w4a16_linear,
 )
-from svdkernels.quant.packing import (  # noqa: E402
+from svdkernels.formats.int4 import (  # noqa: E402
     GROUP_SIZE,
     UNSIGNED_SHIFT,
     dequantize_weight,

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import svdkernels
-from svdkernels.kpsvd import kron_sum, rearrange
+from svdkernels.linalg.kpsvd import kron_sum, rearrange
 from svdkernels.testing.errors import assert_raises_naming
 
 torch.manual_seed(0)

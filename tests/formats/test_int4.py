@@ -1,4 +1,4 @@
-"""Int4 packing and quantisation (svdkernels/quant/packing.py): the documented
+"""Int4 packing and quantisation (svdkernels/formats/int4.py): the documented
 layouts, round trips, zero groups, error bounds and bad input."""
 import pytest
 import torch

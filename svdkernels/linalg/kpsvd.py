@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from svdkernels.ops.rsvd import rsvd
-from svdkernels.spectral import select_rank
+from svdkernels.linalg.select_rank import select_rank
 
 Shape2 = tuple[int, int]
 

@@ -1,0 +1,12 @@
+"""Factorisations built on the ops: one home for what is more than one op call.
+
+- :func:`select_rank` (``select_rank.py``): rank from a batch of spectra (energy, elbow);
+- :func:`kpsvd` (``kpsvd.py``): the Van Loan–Pitsianis nearest sum of Kronecker
+  products, with :func:`kron_sum` and :func:`rearrange`.
+
+Imports point down: this package imports :mod:`svdkernels.ops` and torch, never a layer.
+"""
+from svdkernels.linalg.kpsvd import kpsvd, kron_sum, rearrange
+from svdkernels.linalg.select_rank import select_rank
+
+__all__ = ["kpsvd", "kron_sum", "rearrange", "select_rank"]
