@@ -61,7 +61,7 @@ def minilm_activations(n_tokens: int = 256) -> Activations:
     """The first ``n_tokens`` tokens of :data:`PASSAGE` through all-MiniLM-L6-v2 (float32)."""
     from transformers import AutoModel, AutoTokenizer
 
-    from svdkernels.testing.models import minilm_dir
+    from svdkernels.builtin import minilm_dir
 
     path = str(minilm_dir())
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import import_module
 
+from svdkernels.triton.common import CompileCase
+
 # Largest dynamic shared memory one block may opt in to (CUDA programming guide,
 # "Technical specifications per compute capability").
 SHARED_LIMIT_BYTES = {80: 163 * 1024, 90: 227 * 1024}
@@ -61,26 +63,6 @@ class CompileReport:
             f"{self.name} sm_{self.cc}: {self.registers} regs, {self.shared_bytes} B smem, "
             f"spills {self.spill_stores}/{self.spill_loads} B, {tc}"
         )
-
-
-@dataclass(frozen=True)
-class CompileCase:
-    """One kernel build to check, as a kernel module's ``compile_cases()`` yields it.
-
-    ``signature`` maps every argument name to a triton type (``"*fp32"``, ``"i32"``,
-    ``"constexpr"``...), ``constexprs`` the constexpr ones to values; ``options`` holds
-    ``num_warps``, ``num_stages`` and optionally ``maxnreg``. ``divisible_by_16``
-    names the arguments the JIT would find multiples of 16 (16-byte aligned
-    pointers, strides of aligned rows): the variant a launch with such tensors gets.
-    """
-
-    id: str
-    kernel: object
-    signature: dict[str, str]
-    constexprs: dict[str, object]
-    options: dict[str, int]
-    expects_tensor_cores: bool
-    divisible_by_16: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

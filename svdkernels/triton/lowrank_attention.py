@@ -44,7 +44,7 @@ angles of long caches).
 
 Precision. Operands are rounded to the compute dtype (that of ``q``) for the dots:
 bfloat16 / float16 on the tensor cores with float32 accumulation; float32 is 3xTF32
-(:func:`svdkernels.triton.rsvd._dot_acc`, ~1e-5 relative to a float32 reference).
+(:func:`svdkernels.triton.common.dot_acc`, ~1e-5 relative to a float32 reference).
 The reconstructed keys and the probabilities are rounded to the compute dtype
 before their dots (as flash attention rounds P), and so is the absorbed query
 ``q̃`` (formed in float32 in torch); everything else is float32.
@@ -52,10 +52,9 @@ float64 is not supported (the reference runs it, or forcing triton raises).
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -63,11 +62,8 @@ import triton.language as tl
 
 from svdkernels.backends import requested_backend
 from svdkernels.reference import lowrank_attention as reference
-from svdkernels.triton.common import interpreted
-from svdkernels.triton.rsvd import _dot_acc
+from svdkernels.triton.common import CompileCase, PTR, dot_acc, interpreted, sm_count
 
-if TYPE_CHECKING:
-    from svdkernels.testing.compile_check import CompileCase
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -170,12 +166,12 @@ def _split_kernel(
                     c = tl.load(ck_t + r[None, :] * stride_ckr, mask=t_ok[:, None] & (r < RK)[None, :], other=0.0)
                     w = tl.load(wk_j + r[:, None] * stride_wkr + col[None, :] * stride_wkn,
                                 mask=(r < RK)[:, None] & e_ok[None, :], other=0.0)
-                    k = _dot_acc(c, w, k, COMPUTE, BF16_EMULATED, False)
+                    k = dot_acc(c, w, k, COMPUTE, BF16_EMULATED, False)
                 if ROPE:
                     k = _rope_pairs(k, t, d0, inv_freq_ptr, rot_half, BLOCK_T, BLOCK_D)
             qt = tl.load(q_rows[None, :] + col[:, None] * stride_qd, mask=e_ok[:, None] & row_ok[None, :],
                          other=0.0)
-            s = _dot_acc(k, qt, s, COMPUTE, BF16_EMULATED, False)
+            s = dot_acc(k, qt, s, COMPUTE, BF16_EMULATED, False)
 
         visible = t_ok[:, None] & row_ok[None, :]
         if CAUSAL:
@@ -188,7 +184,7 @@ def _split_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=0)
         vt = tl.load(cv_b + t.to(tl.int64)[None, :] * stride_cvt + v_cols[:, None] * stride_cvr,
                      mask=(v_cols < RV)[:, None] & t_ok[None, :], other=0.0)
-        acc = _dot_acc(vt, p, acc * alpha[None, :], COMPUTE, BF16_EMULATED, False)
+        acc = dot_acc(vt, p, acc * alpha[None, :], COMPUTE, BF16_EMULATED, False)
         m_i = m_new
 
     part = (bh.to(tl.int64) * n_splits + split) * M_ROWS + rows  # [BLOCK_M] row of the workspace
@@ -273,17 +269,12 @@ def _pow2_tile(block: int, n: int) -> int:
 
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _auto_splits(programs: int, tiles: int, device: torch.device) -> int:
     """Splits over T giving about 2 programs per SM (flash-decoding: B·Hkv alone rarely
     fills the GPU at decode). Depends only on shapes and device: reproducible."""
     if device.type != "cuda":
         return min(tiles, 2)  # interpreter: still exercise the combine
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     return max(1, min(tiles, triton.cdiv(2 * sms, programs)))
 
 
@@ -409,7 +400,6 @@ def _combine(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor, v_basis: torch
 # --------------------------------------------------------------------------- compile check
 
 
-_PTR = {tl.float32: "*fp32", tl.bfloat16: "*bf16", tl.float16: "*fp16"}
 _MODES = {"rope": dict(ABSORBED=False, ROPE=True, NEOX=True), "absorbed": dict(ABSORBED=True, ROPE=False, NEOX=False)}
 
 
@@ -418,12 +408,10 @@ def compile_cases() -> Iterator[CompileCase]:
     absorbed), as the launcher builds it for contiguous operands: unit feature strides
     constexpr 1, 16-byte aligned pointers and strides (``d``, ``rk``, ``rv`` multiples of
     16, e.g. ``d = 128``, ``rk = rv = 256``), ragged lengths, causal for prefill."""
-    from svdkernels.testing.compile_check import CompileCase
-
     kernel = _split_kernel
     names = kernel.arg_names  # type: ignore[attr-defined]
     for compute in (tl.bfloat16, tl.float16, tl.float32):
-        ptr = _PTR[compute]
+        ptr = PTR[compute]
         types = dict(q_ptr=ptr, ck_ptr=ptr, cv_ptr=ptr, wk_ptr=ptr, inv_freq_ptr="*fp32", seqlens_ptr="*i32",
                      acc_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", scale_log2="fp32")
         for cfg in CONFIGS[_family(compute)]:

@@ -51,27 +51,24 @@ Precision
 Float32 accumulation everywhere. The epilogue's ``lowrank_act·L_upᵀ`` is float32 on
 the tensor cores as 2xTF32 (``lowrank_act = hi + lo``, both TF32; 16-bit ``L_up`` is
 exact in TF32, ~21 correct bits per product) or 3xTF32 for a float32 ``L_up``
-(``svdkernels.triton.rsvd._dot_acc``). W4A16 with float32 ``x`` is 2xTF32 the same
+(``svdkernels.triton.common.dot_acc``). W4A16 with float32 ``x`` is 2xTF32 the same
 way (int4 weights are exact in TF32); 16-bit ``x`` is a 16-bit ``tl.dot`` (exact
 products). Under the interpreter, bfloat16 goes through float32 (its bfloat16
-``tl.dot`` and casts are wrong: see ``_dot_acc``), which gives the GPU's values.
+``tl.dot`` and casts are wrong: see ``dot_acc``), which gives the GPU's values.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from svdkernels.formats.int4 import GROUP_SIZE, UNSIGNED_SHIFT
-from svdkernels.triton.common import interpreted
-from svdkernels.triton.rsvd import _dot_acc, _round_mantissa
+from svdkernels.triton.common import CompileCase, PTR, dot_acc, interpreted, round_mantissa
 
-if TYPE_CHECKING:
-    from svdkernels.testing.compile_check import CompileCase
 
 GROUP_BYTES = GROUP_SIZE // 2
 """Bytes of one packed group of 64 int4 values."""
@@ -171,11 +168,11 @@ def _epilogue(acc, pid_m, pid_n, M, N, R, la_ptr, stride_lam, stride_lar, lu_ptr
                      mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         lu = tl.load(lu_base + ln[None, :] * R + (r0 + rr)[:, None],  # L_upᵀ [BLOCK_R, BLOCK_N]
                      mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _dot_acc(la, lu, acc, tl.float32, False, LU_IS_TF32)
+        acc = dot_acc(la, lu, acc, tl.float32, False, LU_IS_TF32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + pid_n * BLOCK_N + ln, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if BF16_EMULATED:
-        acc = _round_mantissa(acc, 16)  # the interpreter's float32->bfloat16 cast truncates
+        acc = round_mantissa(acc, 16)  # the interpreter's float32->bfloat16 cast truncates
     y_base = y_ptr + (pid_m.to(tl.int64) * BLOCK_M * N + pid_n * BLOCK_N)
     tl.store(y_base + lm[:, None] * N + ln[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
@@ -246,7 +243,7 @@ def _quantize_act_kernel(
                 tl.store(xs_ptr + (row0 * G + g) + lm * G, scale, mask=m_ok)
         if HAS_LOWRANK:
             ld = tl.load(ld_base + ld_off, mask=r_ok[None, :], other=0.0)
-            acc = _dot_acc(xt, ld, acc, COMPUTE, BF16_EMULATED, False)
+            acc = dot_acc(xt, ld, acc, COMPUTE, BF16_EMULATED, False)
         x_base += _GROUP * stride_xk
         ld_base += _GROUP
     if HAS_LOWRANK:
@@ -310,7 +307,7 @@ def _w4a16_kernel(
         lo, hi = _nibbles(tl.load(qw_base + w_off, mask=n_ok[:, None], other=0), True)
         w = tl.reshape(tl.join(lo, hi), (BLOCK_N, _GROUP))  # k order: byte j -> k = 2j, 2j+1
         # int4 values are exact in every compute dtype (and in TF32: 2xTF32 for float32 x).
-        part = _dot_acc(xt, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+        part = dot_acc(xt, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
                         COMPUTE, BF16_EMULATED, True)
         ws = tl.load(ws_base + ln * G, mask=n_ok, other=0.0).to(tl.float32)
         acc += part * ws[None, :]
@@ -498,7 +495,6 @@ def lowrank_w4a16_linear(
 # --------------------------------------------------------------------------- compile check
 
 
-_PTR = {tl.float32: "*fp32", tl.bfloat16: "*bf16", tl.float16: "*fp16"}
 
 
 def _case(case_id: str, kernel: object, types: dict[str, str], constexprs: dict[str, object],
@@ -506,8 +502,6 @@ def _case(case_id: str, kernel: object, types: dict[str, str], constexprs: dict[
     """A build of ``kernel`` as a launch with contiguous operands gets it: unit strides
     are constexpr 1 (the JIT's specialisation), pointers and the row strides (multiples
     of 32 bytes: ``K`` is a multiple of 64) divisible by 16; other ints i32."""
-    from svdkernels.testing.compile_check import CompileCase
-
     names = kernel.arg_names  # type: ignore[attr-defined]
     signature = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in names}
     aligned = tuple(a for a in names if a not in constexprs
@@ -524,7 +518,7 @@ def compile_cases() -> Iterator[CompileCase]:
     every build (each has a ``tl.dot`` in its K loop).
     """
     for compute in (tl.bfloat16, tl.float16, tl.float32):
-        ptr = _PTR[compute]
+        ptr = PTR[compute]
         dt = str(compute)
         for cfg in CONFIGS:
             common = dict(BF16_EMULATED=False, HAS_BIAS=True, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,

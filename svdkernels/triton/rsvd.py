@@ -13,7 +13,7 @@ round the tiles to the compute dtype in registers (bfloat16 / float16 / float32)
 and feed ``tl.dot`` with float32 accumulation; the output is float32. float32
 compute is 3xTF32 (``a·x ≈ a_lo·x_hi + a_hi·x_lo + a_hi·x_hi``, each product on the
 TF32 tensor cores, ~21 correct bits), the decomposition behind triton's
-``input_precision="tf32x3"`` but written out (see :func:`_dot_acc`).
+``input_precision="tf32x3"`` but written out (see :func:`dot_acc`).
 
 Gaussian test matrix. Element ``(j, c)`` of ``Ω_b`` is normal number ``c % 4`` made
 from the Philox4x32-10 block (Random123's) with key ``seed`` mod 2⁶⁴ (``k0`` = low
@@ -34,20 +34,16 @@ in a workspace, added by the launcher) give a small batch enough CTAs to fill a 
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
 from svdkernels.reference import rsvd as reference
-from svdkernels.triton.common import check_device, interpreted
+from svdkernels.triton.common import CompileCase, PTR, check_device, dot_acc, interpreted, round_mantissa, sm_count
 
-if TYPE_CHECKING:
-    from svdkernels.testing.compile_check import CompileCase
 
 
 # --------------------------------------------------------------------------- kernels
@@ -64,55 +60,6 @@ def _tile_coords(rows, cols, batch, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
     b = t // per_batch
     t -= b * per_batch
     return split, b, t // n_col, t % n_col
-
-
-@triton.jit
-def _round_mantissa(x, DROP: tl.constexpr):
-    """float32 ``x`` rounded to nearest (ties to even) with its ``DROP`` low mantissa
-    bits cleared, kept in float32: DROP=16 gives bfloat16 values, 13 TF32 values."""
-    bits = x.to(tl.uint32, bitcast=True)
-    half: tl.constexpr = (1 << (DROP - 1)) - 1
-    keep: tl.constexpr = 0xFFFFFFFF ^ ((1 << DROP) - 1)
-    bits = (bits + (half + ((bits >> DROP) & 1))) & keep
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _dot_acc(a, x, acc, COMPUTE: tl.constexpr, BF16_EMULATED: tl.constexpr, X_IS_TF32: tl.constexpr):
-    """``acc + a·x`` with ``a``, ``x`` rounded to ``COMPUTE``, float32 accumulation.
-
-    float32 is 3xTF32: ``a = a_hi + a_lo``, ``x = x_hi + x_lo`` with TF32 ``hi``
-    parts, and ``a_lo·x_hi + a_hi·x_lo + a_hi·x_hi`` on the tensor cores, smallest
-    first. It is what ``input_precision="tf32x3"`` computes, written out because
-    triton's version sums the two small products in a second, zero-initialised
-    accumulator, a whole extra BLOCK_M x BLOCK_N float32 tile of registers (on
-    sm_80 the w64 matmul then spills at 255 registers and w128 needs 255; written
-    out, 185 and 178). ``X_IS_TF32``: ``x`` holds TF32 values already (the sketch's
-    Ω), so ``x_lo = 0`` and two products do.
-    """
-    if BF16_EMULATED:
-        # Interpreter only: its tl.dot multiplies bfloat16 bit patterns (triton issue
-        # #11584) and its float32->bfloat16 cast truncates where the GPU rounds to
-        # nearest even. Round in float32 instead; a product of two bfloat16 values is
-        # exact in float32, so an IEEE float32 dot gives what the tensor cores give.
-        a = _round_mantissa(a.to(tl.float32), 16)
-        x = _round_mantissa(x.to(tl.float32), 16)
-        acc = tl.dot(a, x, acc, input_precision="ieee")
-    elif COMPUTE == tl.float32:
-        a = a.to(tl.float32)
-        x = x.to(tl.float32)
-        a_hi = _round_mantissa(a, 13)
-        if X_IS_TF32:
-            acc = tl.dot(a - a_hi, x, acc, input_precision="tf32")  # small term first
-        else:
-            x_hi = _round_mantissa(x, 13)
-            acc = tl.dot(a - a_hi, x_hi, acc, input_precision="tf32")
-            acc = tl.dot(a_hi, x - x_hi, acc, input_precision="tf32")
-            x = x_hi
-        acc = tl.dot(a_hi, x, acc, input_precision="tf32")
-    else:
-        acc = tl.dot(a.to(COMPUTE), x.to(COMPUTE), acc)
-    return acc
 
 
 @triton.jit
@@ -160,8 +107,8 @@ def _gaussian_tile(seed, batch, rows, groups):
     n0, n1 = _box_muller(r0, r1)
     n2, n3 = _box_muller(r2, r3)
     # TF32 values (11 significant bits): exact in float16 and TF32, so fp32 compute
-    # needs no hi/lo split of Ω (see _dot_acc).
-    return _round_mantissa(tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3)), 13)
+    # needs no hi/lo split of Ω (see dot_acc).
+    return round_mantissa(tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3)), 13)
 
 
 @triton.jit
@@ -208,7 +155,7 @@ def _matmul_kernel(
         k_left = k_len - k * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok & (rk[None, :] < k_left), other=0.0)
         x = tl.load(x_ptrs, mask=(rk[:, None] < k_left) & col_ok, other=0.0)
-        acc = _dot_acc(a, x, acc, COMPUTE, BF16_EMULATED, False)
+        acc = dot_acc(a, x, acc, COMPUTE, BF16_EMULATED, False)
         a_ptrs += BLOCK_K * stride_ai
         x_ptrs += BLOCK_K * stride_xi
     _store_tile(out_ptr + split.to(tl.int64) * stride_os, acc, b, tm, tn, rows, cols,
@@ -241,7 +188,7 @@ def _sketch_kernel(
         a = tl.load(a_ptrs, mask=row_ok & (rk[None, :] < k_len - k * BLOCK_K), other=0.0)
         # Rows of Ω past the split meet the zero-filled columns of `a`: no mask needed.
         omega = _gaussian_tile(seed, b, k_start + k * BLOCK_K + rk, groups)
-        acc = _dot_acc(a, omega, acc, COMPUTE, BF16_EMULATED, True)
+        acc = dot_acc(a, omega, acc, COMPUTE, BF16_EMULATED, True)
         a_ptrs += BLOCK_K * stride_an
     _store_tile(out_ptr + split.to(tl.int64) * stride_os, acc, b, tm, tn, rows, width,
                 stride_ob, stride_om, stride_oc, BLOCK_M, BLOCK_N)
@@ -352,11 +299,6 @@ def _grid(batch: int, rows: int, cols: int, block_m: int, block_n: int) -> int:
     return batch * triton.cdiv(rows, block_m) * triton.cdiv(cols, block_n)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 _MIN_K_BLOCKS = 8  # K blocks per split at least, to amortise the pipeline's fill
 
 
@@ -370,7 +312,7 @@ def _auto_splits(tiles: int, inner: int, block_k: int, device: torch.device) -> 
     """
     if device.type != "cuda":
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     if tiles >= sms:
         return 1
     return max(1, min(triton.cdiv(2 * sms, tiles), inner // (_MIN_K_BLOCKS * block_k)))
@@ -527,7 +469,6 @@ def rsvd(
 # --------------------------------------------------------------------------- compile check
 
 
-_PTR = {tl.float32: "*fp32", tl.bfloat16: "*bf16", tl.float16: "*fp16"}
 
 # Operand storage per compute dtype, the costliest realistic case of each: bf16
 # compute on float32 A (the sketch passes of a float32 input: A converted in
@@ -544,8 +485,6 @@ def _cases(name: str, kernel: object, types: dict[str, str], constexprs: dict[st
     aligned pointers and strides that are multiples of 16 (the JIT's variant for
     shapes like 4096 x 4096); "any" assumes nothing (shapes like 100 x 37).
     """
-    from svdkernels.testing.compile_check import CompileCase
-
     names = kernel.arg_names  # type: ignore[attr-defined]
     signature = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in names}
     aligned = tuple(a for a in names if a not in constexprs
@@ -563,7 +502,7 @@ def compile_cases() -> Iterator[CompileCase]:
     and for Aᵀ (unit stride along the rows).
     """
     for compute in (tl.bfloat16, tl.float16, tl.float32):
-        a_type = _PTR[_STORAGE[compute]]
+        a_type = PTR[_STORAGE[compute]]
         for kernel_name, configs in CONFIGS.items():
             for cfg in configs:
                 const = dict(COMPUTE=compute, BF16_EMULATED=False, BLOCK_M=cfg.BLOCK_M,
