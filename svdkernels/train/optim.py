@@ -1,0 +1,625 @@
+"""Low-rank gradient optimisers: :class:`LowRankAdamW` and its published presets.
+
+GaLore (Zhao et al. 2024) keeps Adam's moments in a rank-``r`` projection of each weight
+gradient and refreshes the projection every ``update_gap`` steps; Q-GaLore (Zhang et al.
+2024) adapts the gap and stores the basis in int4; the SVD-free method (Modoranu et al.
+2025) picks DCT-II vectors instead of computing an SVD; APOLLO (Zhu et al. 2024) uses a
+seeded random basis. :class:`LowRankAdamW` is all of them, with:
+
+- batched refresh: the bases of all due parameters of one (shape, side, dtype, device,
+  rank, projector) are computed by one batched call (``torch.linalg.svd``,
+  :func:`svdkernels.rsvd` or a warm-started subspace iteration, one DCT scoring product);
+- the step itself by the fused op :func:`svdkernels.ops.lowrank_adam_step.lowrank_adam_step`;
+- moments kept (GaLore), rotated into the new basis, or reset at a refresh;
+- a state of tensors and plain numbers only (``torch.load(weights_only=True)`` reads it;
+  resuming gives bit-identical weights);
+- non-finite gradients caught, naming the parameter.
+
+Update rule (GaLore's and Hugging Face's AdamW form, for projected and plain parameters
+alike): ``m, v`` as Adam, ``N = m/(√v + eps)``, ``W ← W − lr·√(1−β2ᵗ)/(1−β1ᵗ)·scale·back(N)``,
+then ``W ← W − lr·weight_decay·W`` (decoupled decay after the update). Plain parameters
+use ``scale = 1`` and ``back = id``.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from svdkernels.ops.lowrank_adam_step import (
+    bias_corrected_step_size,
+    dequantize_basis,
+    lowrank_adam_step,
+    quantize_basis,
+    stochastic_round,
+)
+from svdkernels.train import projectors as proj
+
+MOMENTS = ("keep", "rotate", "reset")
+SIDES = (None, "right", "left")
+COS_WINDOW = 5  # Q-GaLore: mean cosine over the last 5 refreshes
+COS_THRESHOLD = 0.4  # ... at least 0.4 doubles the gap
+# Group options of a low-rank group, their defaults come from the constructor.
+_LOWRANK_KEYS = ("rank", "update_gap", "scale", "projector", "moments", "adaptive_gap", "proj_bits", "side")
+
+Targets = Optional[Union[str, Sequence[str]]]
+
+
+def _mix(*values: int) -> int:
+    """A deterministic 62-bit seed from integers (splitmix-style), the same on every run."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & ((1 << 62) - 1)
+
+
+def _check_number(name: str, value: object, lo: float, hi: float = math.inf, *, hi_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not (lo <= value and (value < hi if hi_open else value <= hi)):
+        raise ValueError(f"{name}: expected a value in [{lo}, {hi}{')' if hi_open else ']'}, got {value}")
+    return float(value)
+
+
+def _check_int(name: str, value: object, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}, got {value}")
+    return value
+
+
+def _check_choice(name: str, value: object, choices: Sequence[object]) -> Any:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+class LowRankAdamW(torch.optim.Optimizer):
+    """AdamW whose low-rank groups keep their state in a rank-``r`` projection (GaLore).
+
+    Args:
+        params: parameters or param groups. Groups that set ``rank`` (as GaLore's:
+            keys ``rank``, ``update_gap`` or GaLore's ``update_proj_gap``, ``scale``,
+            ``proj_type`` ``"std"``/``"left"``/``"right"``, and any of ``projector``,
+            ``moments``, ``adaptive_gap``, ``proj_bits``, ``side``) are trained in the
+            projection; every other parameter gets plain AdamW. An optional ``names`` key
+            (a list of strings, one per parameter; :func:`lowrank_param_groups` fills it)
+            names parameters in errors.
+        lr, betas, eps, weight_decay: AdamW's.
+        rank: default rank of the low-rank groups; ``1 <= rank <= min(m, n)``.
+        update_gap: steps between two refreshes of a basis (GaLore: 200).
+        scale: multiplies the back-projected update (GaLore: 0.25).
+        projector: ``"svd"``, ``"rsvd"`` (warm-started after the first refresh),
+            ``"dct"`` or ``"random"`` (see :mod:`svdkernels.train.projectors`).
+        moments: at a refresh, ``"keep"`` the moments as they are (GaLore), ``"rotate"``
+            them into the new basis, or ``"reset"`` them to zero.
+        adaptive_gap: Q-GaLore's rule, per parameter: after each refresh, the cosine of
+            the first basis vector with the previous one; when the mean of the last 5 is
+            at least 0.4, the gap doubles.
+        proj_bits: ``None`` (float32 basis) or ``4`` (packed int4, group 256, for the
+            ``svd``/``rsvd`` projectors).
+        stagger: spread the refreshes of the different shape groups over the gap.
+        seed: seeds every random choice (rsvd sketches, random bases, stochastic rounding).
+        side: ``None`` (project on the smaller side: right if ``m >= n``), ``"right"``
+            or ``"left"``.
+        skip_nonfinite: a non-finite gradient skips the whole step (weights and state
+            untouched, :attr:`skipped_steps` counts it) instead of raising ``ValueError``.
+        stochastic_rounding: round bfloat16 weights stochastically after each update.
+
+    Example::
+
+        groups = svdkernels.train.lowrank_param_groups(model, targets=r".*(attn|mlp).*", rank=128)
+        opt = svdkernels.train.LowRankAdamW(groups, lr=1e-3, projector="rsvd")
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        rank: int = 128,
+        update_gap: int = 200,
+        scale: float = 0.25,
+        projector: str = "rsvd",
+        moments: str = "rotate",
+        adaptive_gap: bool = False,
+        proj_bits: Optional[int] = None,
+        stagger: bool = False,
+        seed: int = 0,
+        side: Optional[str] = None,
+        skip_nonfinite: bool = False,
+        stochastic_rounding: bool = False,
+    ) -> None:
+        _check_number("lr", lr, 0.0)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas: expected a pair of floats, got {betas!r}")
+        _check_number("betas[0]", betas[0], 0.0, 1.0, hi_open=True)
+        _check_number("betas[1]", betas[1], 0.0, 1.0, hi_open=True)
+        _check_number("eps", eps, 0.0)
+        _check_number("weight_decay", weight_decay, 0.0)
+        _check_int("seed", seed, 0)
+        for name, flag in (("stagger", stagger), ("skip_nonfinite", skip_nonfinite),
+                           ("stochastic_rounding", stochastic_rounding)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+        self._lowrank_defaults = dict(rank=rank, update_gap=update_gap, scale=scale, projector=projector,
+                                      moments=moments, adaptive_gap=adaptive_gap, proj_bits=proj_bits, side=side)
+        self._check_lowrank_options(self._lowrank_defaults, None)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        self.seed = seed
+        self.stagger = stagger
+        self.skip_nonfinite = skip_nonfinite
+        self.stochastic_rounding = stochastic_rounding
+        self.skipped_steps = 0
+        self._cache: dict[torch.Tensor, torch.Tensor] = {}  # random/DCT bases, rebuilt from state
+        super().__init__(params, defaults)
+        self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        self._offsets = self._stagger_offsets()
+
+    # ------------------------------------------------------------------ groups
+
+    @staticmethod
+    def _check_lowrank_options(opts: dict[str, Any], group: Optional[int]) -> None:
+        """Options of a low-rank group; errors name ``param_groups[i]['key']`` (or the keyword)."""
+        def at(key: str) -> str:
+            return key if group is None else f"param_groups[{group}][{key!r}]"
+
+        _check_int(at("rank"), opts["rank"], 1)
+        _check_int(at("update_gap"), opts["update_gap"], 1)
+        _check_number(at("scale"), opts["scale"], 0.0)
+        _check_choice(at("projector"), opts["projector"], proj.PROJECTORS)
+        _check_choice(at("moments"), opts["moments"], MOMENTS)
+        if not isinstance(opts["adaptive_gap"], bool):
+            raise TypeError(f"{at('adaptive_gap')}: expected a bool, got {type(opts['adaptive_gap']).__name__}")
+        _check_choice(at("proj_bits"), opts["proj_bits"], (None, 4))
+        if opts["proj_bits"] is not None and opts["projector"] not in ("svd", "rsvd"):
+            raise ValueError(f"{at('proj_bits')}: expected None with projector {opts['projector']!r} "
+                             f"(an int4 basis is for 'svd' and 'rsvd'), got {opts['proj_bits']}")
+        _check_choice(at("side"), opts["side"], SIDES)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        gi = len(self.param_groups)
+        group = dict(param_group)
+        if "update_proj_gap" in group:  # GaLore's name
+            group.setdefault("update_gap", group.pop("update_proj_gap"))
+        if "proj_type" in group:
+            kind = group.pop("proj_type")
+            if kind not in ("std", "left", "right"):
+                raise ValueError(f"param_groups[{gi}]['proj_type']: expected 'std', 'left' or 'right', got {kind!r}")
+            group.setdefault("side", None if kind == "std" else kind)
+        lowrank = "rank" in group
+        group["lowrank"] = lowrank
+        if lowrank:
+            for key in _LOWRANK_KEYS:
+                group.setdefault(key, self._lowrank_defaults[key])
+            self._check_lowrank_options(group, gi)
+        super().add_param_group(group)
+        params = self.param_groups[-1]["params"]
+        names = self.param_groups[-1].get("names")
+        if names is not None and (not isinstance(names, list) or len(names) != len(params)
+                                  or not all(isinstance(n, str) for n in names)):
+            raise ValueError(f"param_groups[{gi}]['names']: expected a list of {len(params)} strings "
+                             f"(one per parameter), got {names!r}")
+        if lowrank:
+            for pi, p in enumerate(params):
+                self._check_lowrank_param(self.param_groups[-1], gi, pi, p)
+
+    def _name(self, group: dict[str, Any], gi: int, pi: int, p: torch.Tensor) -> str:
+        names = group.get("names")
+        if names:
+            return repr(names[pi])
+        return f"param_groups[{gi}]['params'][{pi}] (shape {list(p.shape)})"
+
+    def _check_lowrank_param(self, group: dict[str, Any], gi: int, pi: int, p: torch.Tensor) -> None:
+        name = self._name(group, gi, pi, p)
+        if p.dim() != 2:
+            raise ValueError(f"parameter {name}: a low-rank group (rank set) expects 2-D weights [m, n], "
+                             f"got shape {list(p.shape)}")
+        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"parameter {name}: expected dtype float32, bfloat16 or float16, got {p.dtype}")
+        if group["rank"] > min(p.shape):
+            raise ValueError(f"parameter {name}: expected rank <= min(m, n) = {min(p.shape)} for shape "
+                             f"{list(p.shape)}, got rank {group['rank']}")
+
+    @staticmethod
+    def side_of(group: dict[str, Any], p: torch.Tensor) -> bool:
+        """True when ``p`` is projected on the right (``R = G·Pᵀ``), GaLore's rule by default."""
+        side = group["side"]
+        return p.shape[0] >= p.shape[1] if side is None else side == "right"
+
+    def _key(self, group: dict[str, Any], p: torch.Tensor) -> tuple:
+        return (tuple(p.shape), self.side_of(group, p), p.dtype, p.device, group["rank"], group["projector"],
+                group["proj_bits"])
+
+    def _stagger_offsets(self) -> dict[tuple, float]:
+        """Each shape group's phase within the gap, as a fraction in [0, 1)."""
+        keys: list[tuple] = []
+        for group in self.param_groups:
+            if group["lowrank"]:
+                for p in group["params"]:
+                    k = self._key(group, p)
+                    if k not in keys:
+                        keys.append(k)
+        return {k: i / len(keys) for i, k in enumerate(keys)}
+
+    # ------------------------------------------------------------------ step
+
+    def _grads(self) -> list[tuple[dict[str, Any], int, int, torch.Tensor, torch.Tensor]]:
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise ValueError(f"parameter {self._name(group, gi, pi, p)}: sparse gradients are not supported")
+                    out.append((group, gi, pi, p, p.grad))
+        return out
+
+    def _nonfinite(self, items: list) -> Optional[str]:
+        """The name of the first parameter with a non-finite gradient, or None. One host
+        synchronisation: per-gradient sums (non-finite iff an entry is, unless the sum
+        overflows, when the entries are checked)."""
+        if not items:
+            return None
+        sums = torch.stack([g.float().sum() for *_, g in items])
+        bad = (~torch.isfinite(sums)).nonzero().flatten().tolist()
+        for i in bad:
+            group, gi, pi, p, g = items[i]
+            if not torch.isfinite(g).all():
+                return self._name(group, gi, pi, p)
+        return None
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Any] = None) -> Optional[torch.Tensor]:
+        """One optimisation step (refreshing the bases that are due first)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items = self._grads()
+        bad = self._nonfinite(items)
+        if bad is not None:
+            if self.skip_nonfinite:
+                self.skipped_steps += 1
+                return loss
+            raise ValueError(f"parameter {bad}: non-finite gradient (NaN or inf); pass skip_nonfinite=True "
+                             f"to skip such steps")
+        self._refresh([it for it in items if it[0]["lowrank"]])
+        for group, gi, pi, p, g in items:
+            self._update(group, p, g)
+        return loss
+
+    def step_param(self, p: torch.Tensor) -> None:
+        """The step of parameter ``p`` alone (used by :func:`svdkernels.train.layerwise`);
+        its basis is refreshed alone when due."""
+        for gi, group in enumerate(self.param_groups):
+            for pi, q in enumerate(group["params"]):
+                if q is p:
+                    if p.grad is None:
+                        return
+                    item = (group, gi, pi, p, p.grad)
+                    bad = self._nonfinite([item])
+                    if bad is not None:
+                        if self.skip_nonfinite:
+                            self.skipped_steps += 1
+                            return
+                        raise ValueError(f"parameter {bad}: non-finite gradient (NaN or inf)")
+                    with torch.no_grad():
+                        if group["lowrank"]:
+                            self._refresh([item])
+                        self._update(group, p, p.grad)
+                    return
+        raise ValueError("p: expected a parameter of this optimizer, got one it does not hold")
+
+    def _sr_seed(self, p: torch.Tensor, step: int) -> Optional[int]:
+        if self.stochastic_rounding and p.dtype == torch.bfloat16:
+            return _mix(self.seed, 2, self._index[p], step)
+        return None
+
+    def _update(self, group: dict[str, Any], p: torch.Tensor, g: torch.Tensor) -> None:
+        state = self.state[p]
+        beta1, beta2 = group["betas"]
+        if "exp_avg" not in state:
+            shape = p.shape
+            if group["lowrank"]:
+                r = group["rank"]
+                shape = (p.shape[0], r) if self.side_of(group, p) else (r, p.shape[1])
+            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        state["step"] = state.get("step", 0) + 1
+        t = state["step"]
+        step_size = bias_corrected_step_size(group["lr"], beta1, beta2, t)
+        decay = group["lr"] * group["weight_decay"]
+        sr = self._sr_seed(p, t)
+        if group["lowrank"]:
+            P, P_scale, P_zero = self._basis(group, p)
+            lowrank_adam_step(p, g.to(p.dtype), P, state["exp_avg"], state["exp_avg_sq"],
+                              step_size=step_size * group["scale"], side="right" if self.side_of(group, p) else "left",
+                              betas=(beta1, beta2), eps=group["eps"], decay=decay, P_scale=P_scale, P_zero=P_zero,
+                              sr_seed=sr)
+            return
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        gf = g.float()
+        m.mul_(beta1).add_(gf, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(gf, gf, value=1.0 - beta2)
+        w = p.float() - step_size * (m / (v.sqrt() + group["eps"]))
+        if decay != 0.0:
+            w = w - decay * w
+        p.copy_(stochastic_round(w, sr) if sr is not None else w.to(p.dtype))
+
+    # ------------------------------------------------------------------ bases
+
+    def _basis(self, group: dict[str, Any], p: torch.Tensor
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """What the step op reads: float rows ``[r, k]``, or the packed int4 triple."""
+        state = self.state[p]
+        if "basis" in state:
+            return state["basis"], state.get("basis_scale"), state.get("basis_zero")
+        if p not in self._cache:  # DCT / random: rebuilt from the indices or the seed
+            k = p.shape[1] if self.side_of(group, p) else p.shape[0]
+            if "dct_index" in state:
+                self._cache[p] = proj.dct_bases(state["dct_index"], k).contiguous()
+            else:
+                self._cache[p] = proj.random_basis(state["basis_seed"], group["rank"], k, p.device)
+        return self._cache[p], None, None
+
+    def _float_basis(self, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
+        P, s, z = self._basis(group, p)
+        if P.dtype == torch.uint8:
+            k = p.shape[1] if self.side_of(group, p) else p.shape[0]
+            return dequantize_basis(P, s, z, k)
+        return P
+
+    def _due(self, group: dict[str, Any], p: torch.Tensor) -> bool:
+        state = self.state[p]
+        return "next_refresh" not in state or state.get("step", 0) >= state["next_refresh"]
+
+    def _refresh(self, items: list) -> None:
+        """Refresh every due basis, one batched call per (shape, side, ...) group."""
+        batches: dict[tuple, list] = {}
+        for it in items:
+            group, _, _, p, _ = it
+            if self._due(group, p):
+                batches.setdefault(self._key(group, p), []).append(it)
+        for key, batch in batches.items():
+            self._refresh_batch(key, batch)
+
+    def _refresh_batch(self, key: tuple, batch: list) -> None:
+        shape, right, _, _, rank, projector, proj_bits = key
+        k = shape[1] if right else shape[0]
+        G = torch.stack([g.float() for *_, g in batch])  # [b, m, n]
+        params = [it[3] for it in batch]
+        states = [self.state[p] for p in params]
+        step = states[0].get("step", 0)
+        seed = _mix(self.seed, 1, self._index[params[0]], step)
+        had = ["next_refresh" in s for s in states]
+        old = [self._float_basis(it[0], it[3]) if h else None for it, h in zip(batch, had)]
+        new_index = new_seeds = None
+        if projector == "dct":
+            new_index = proj.dct_indices(G, rank, right).to(torch.int32)
+            new = proj.dct_bases(new_index, k)
+        elif projector == "random":
+            new_seeds = [_mix(self.seed, 3, self._index[p], s.get("refreshes", 0)) for p, s in zip(params, states)]
+            new = torch.stack([proj.random_basis(sd, rank, k, G.device) for sd in new_seeds])
+        else:
+            previous = torch.stack(old) if projector == "rsvd" and all(had) else None
+            new = proj.bases_for(projector, G, rank, right, seed=seed, previous=previous)
+        if proj_bits == 4:
+            packed, scales, zeros = quantize_basis(new)
+            stored = dequantize_basis(packed, scales, zeros, k)  # what the steps will see
+        else:
+            stored = new
+        if all(had):
+            self._carry_moments(batch, states, old, stored, new_index, right)
+            cos = proj.first_vector_cosine(stored, torch.stack(old)).tolist()
+        else:
+            cos = [None] * len(batch)
+        for i, (group, _, _, p, _) in enumerate(batch):
+            state = self.state[p]
+            self._cache.pop(p, None)
+            for name in ("basis", "basis_scale", "basis_zero", "dct_index", "basis_seed"):
+                state.pop(name, None)
+            if projector == "dct":
+                state["dct_index"] = new_index[i].clone()
+            elif projector == "random":
+                state["basis_seed"] = new_seeds[i]
+            elif proj_bits == 4:
+                state["basis"], state["basis_scale"], state["basis_zero"] = (
+                    packed[i].clone(), scales[i].clone(), zeros[i].clone())
+            else:
+                state["basis"] = new[i].clone()
+            gap = state.get("gap", group["update_gap"])
+            if group["adaptive_gap"] and cos[i] is not None:
+                history = (state.get("cosines", []) + [float(cos[i])])[-COS_WINDOW:]
+                state["cosines"] = history
+                if len(history) == COS_WINDOW and sum(history) / COS_WINDOW >= COS_THRESHOLD:
+                    gap *= 2
+            state["gap"] = gap
+            state["refreshes"] = state.get("refreshes", 0) + 1
+            first = "next_refresh" not in state
+            offset = int(self._offsets.get(key, 0.0) * gap) if self.stagger else 0
+            # The first refresh of a staggered group comes early by its phase; later ones a gap apart.
+            state["next_refresh"] = step + (offset if first and offset > 0 else gap)
+
+    def _carry_moments(self, batch: list, states: list, old: list, new: torch.Tensor,
+                       new_index: Optional[torch.Tensor], right: bool) -> None:
+        mode = batch[0][0]["moments"]
+        if mode == "keep" or "exp_avg" not in states[0]:
+            return
+        if mode == "reset":
+            for s in states:
+                s["exp_avg"].zero_()
+                s["exp_avg_sq"].zero_()
+            return
+        if new_index is not None:
+            C = proj.dct_change_of_basis(new_index, torch.stack([s["dct_index"] for s in states]))
+        else:
+            C = proj.change_of_basis(new, torch.stack(old))
+        m, v = proj.rotate_moments(torch.stack([s["exp_avg"] for s in states]),
+                                   torch.stack([s["exp_avg_sq"] for s in states]), C, right)
+        for i, s in enumerate(states):
+            s["exp_avg"].copy_(m[i])
+            s["exp_avg_sq"].copy_(v[i])
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["lowrank"] = {"skipped_steps": self.skipped_steps}
+        return sd
+
+    def _expected(self, group: dict[str, Any], p: torch.Tensor, key: str) -> Optional[tuple[tuple[int, ...], torch.dtype]]:
+        if not group["lowrank"]:
+            return {"exp_avg": (tuple(p.shape), torch.float32), "exp_avg_sq": (tuple(p.shape), torch.float32)}.get(key)
+        right, r = self.side_of(group, p), group["rank"]
+        k = p.shape[1] if right else p.shape[0]
+        moments = (p.shape[0], r) if right else (r, p.shape[1])
+        return {
+            "exp_avg": (moments, torch.float32), "exp_avg_sq": (moments, torch.float32),
+            "basis": ((r, (k + 1) // 2), torch.uint8) if group["proj_bits"] == 4 else ((r, k), torch.float32),
+            "basis_scale": ((r, -(-k // 256)), torch.float32), "basis_zero": ((r, -(-k // 256)), torch.float32),
+            "dct_index": ((r,), torch.int32),
+        }.get(key)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict`; shapes and dtypes are checked against the
+        parameters first (``ValueError`` naming the parameter; nothing changed)."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise TypeError("state_dict: expected a dict with 'state' and 'param_groups' (from state_dict()), "
+                            f"got {type(state_dict).__name__}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict: expected {len(self.param_groups)} param groups, got {len(saved_groups)}")
+        id_to_param = {}
+        for gi, (mine, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(mine["params"]) != len(saved["params"]):
+                raise ValueError(f"state_dict: param group {gi}: expected {len(mine['params'])} parameters, "
+                                 f"got {len(saved['params'])}")
+            for key in ("lowrank", "rank", "proj_bits", "projector", "side"):
+                if mine.get(key) != saved.get(key):
+                    raise ValueError(f"state_dict: param group {gi}: expected {key} = {mine.get(key)!r}, "
+                                     f"got {saved.get(key)!r}")
+            for pi, (pid, p) in enumerate(zip(saved["params"], mine["params"])):
+                id_to_param[pid] = (mine, gi, pi, p)
+        for pid, st in state_dict["state"].items():
+            if pid not in id_to_param:
+                raise ValueError(f"state_dict: state for parameter id {pid}, which no param group lists")
+            group, gi, pi, p = id_to_param[pid]
+            for key, value in st.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                want = self._expected(group, p, key)
+                if want is not None and (tuple(value.shape) != tuple(want[0]) or value.dtype != want[1]):
+                    raise ValueError(f"state_dict: parameter {self._name(group, gi, pi, p)}: expected {key} of "
+                                     f"shape {list(want[0])} and dtype {want[1]}, got shape {list(value.shape)} "
+                                     f"and dtype {value.dtype}")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "lowrank"})
+        # torch casts floating state to the parameter's dtype; keep ours exactly as saved.
+        for pid, st in state_dict["state"].items():
+            p = id_to_param[pid][3]
+            for key, value in st.items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+                elif isinstance(value, list):
+                    self.state[p][key] = list(value)
+        self.skipped_steps = int(state_dict.get("lowrank", {}).get("skipped_steps", 0))
+        self._cache.clear()
+        self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        self._offsets = self._stagger_offsets()
+
+
+# ---------------------------------------------------------------------- presets
+
+
+class GaLoreAdamW(LowRankAdamW):
+    """GaLore's AdamW (Zhao et al. 2024) with galore-torch's defaults: exact SVD, moments
+    kept across refreshes, ``eps = 1e-6``, rank 128, gap 200, scale 0.25."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, **kwargs: Any) -> None:
+        kwargs.setdefault("projector", "svd")
+        kwargs.setdefault("moments", "keep")
+        super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
+
+
+class QGaLoreAdamW(LowRankAdamW):
+    """Q-GaLore (Zhang et al. 2024): GaLore with the adaptive gap (cosine rule) and the
+    basis stored as packed int4 (group 256). Its INT8 weights are
+    :class:`svdkernels.train.Int8Linear` layers; its 8-bit moments are not reproduced
+    (moments stay float32)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, **kwargs: Any) -> None:
+        kwargs.setdefault("projector", "svd")
+        kwargs.setdefault("moments", "keep")
+        kwargs.setdefault("adaptive_gap", True)
+        kwargs.setdefault("proj_bits", 4)
+        super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
+
+
+class DCTAdamW(LowRankAdamW):
+    """The SVD-free optimiser (Modoranu et al. 2025): DCT-II columns chosen by the ℓ1 norm
+    of the gradient's coefficients, moments rotated (re-indexed) at each refresh."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, **kwargs: Any) -> None:
+        kwargs.setdefault("projector", "dct")
+        kwargs.setdefault("moments", "rotate")
+        super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
+
+
+# ---------------------------------------------------------------------- param groups
+
+
+def _matches(name: str, targets: Targets) -> bool:
+    """peft's ``target_modules`` rule (the adapters' rule): a string is a regex matching the
+    whole name; a list names modules by full name or dotted suffix; ``None`` matches all."""
+    if targets is None:
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lowrank_param_groups(model: nn.Module, targets: Targets = None, *, rank: int = 128,
+                         **options: Any) -> list[dict[str, Any]]:
+    """Param groups for :class:`LowRankAdamW`: the weights of the ``nn.Linear`` layers that
+    ``targets`` selects (the adapters' rule) in one low-rank group, every other trainable
+    parameter in a plain AdamW group. Both carry ``names``.
+
+    ``options`` go into the low-rank group (``update_gap``, ``scale``, ``projector``...).
+    A targeted weight whose smaller side is below ``rank`` raises ``ValueError`` naming it
+    (when the optimiser is built).
+    """
+    if targets is not None and not isinstance(targets, str):
+        if not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets):
+            raise TypeError(f"targets: expected None, a regex string or a list of module names, got {targets!r}")
+    chosen: dict[int, str] = {}
+    for mname, module in model.named_modules():
+        if isinstance(module, nn.Linear) and _matches(mname, targets) and module.weight.requires_grad:
+            chosen[id(module.weight)] = f"{mname}.weight"
+    if not chosen:
+        raise ValueError(f"targets: expected names matching nn.Linear layers of the model, got {targets!r} "
+                         f"which matches none")
+    low, low_names, rest, rest_names = [], [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in chosen:
+            low.append(p)
+            low_names.append(name)
+        else:
+            rest.append(p)
+            rest_names.append(name)
+    groups = [dict(params=low, names=low_names, rank=rank, **options)]
+    if rest:
+        groups.append(dict(params=rest, names=rest_names))
+    return groups
