@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from svdkernels.adapters.svd_linear import SVDLinear
+from svdkernels.errors import check_finite_number, strict_kwargs
 
 
 class AdaLoRABudget:
@@ -30,8 +31,20 @@ class AdaLoRABudget:
         beta1, beta2: the smoothing of importance and uncertainty (0.85, as the paper).
     """
 
+    @strict_kwargs
     def __init__(self, model: nn.Module, *, target_rank: int, total_steps: int, tinit: int = 0, tfinal: int = 0,
                  delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        for name, v in (("target_rank", target_rank), ("total_steps", total_steps), ("tinit", tinit),
+                        ("tfinal", tfinal), ("delta_t", delta_t)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name}: expected an int, got {v!r}")
+            if v < (1 if name in ("total_steps", "delta_t") else 0):
+                raise ValueError(f"{name}: expected an int >= {1 if name in ('total_steps', 'delta_t') else 0}, "
+                                 f"got {v}")
+        check_finite_number("beta1", beta1, low=0.0, high=1.0)
+        check_finite_number("beta2", beta2, low=0.0, high=1.0)
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, SVDLinear) and m.method == "adalora"}
         if not self.layers:
             raise ValueError("model: expected layers adapted with method 'adalora', found none")

@@ -7,8 +7,11 @@ tail is needed), instead of one SVD per layer as peft does.
 """
 from __future__ import annotations
 
+import copy
+import difflib
 import math
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -16,9 +19,10 @@ from torch import nn
 
 from svdkernels.calibration import collect_input_stats
 from svdkernels.adapters.kron import KronLinear
-from svdkernels.adapters.methods import METHODS, Init, layer_regularizer
+from svdkernels.adapters.methods import METHODS, Init, check_method_options, layer_regularizer, method_options
 from svdkernels.adapters.modules import Targets, find_linears, set_module
 from svdkernels.adapters.svd_linear import SVDLinear
+from svdkernels.errors import check_finite_number
 from svdkernels.ops.rsvd import rsvd
 
 ALL_METHODS = (*METHODS, "soka")
@@ -119,6 +123,102 @@ def eva_components(inputs: dict[str, torch.Tensor], rank: int, *, rho: float = 2
     return {n: comps[n][1][: counts[n]].contiguous() for n in inputs}
 
 
+_ADAPT_KWARGS = ("rank", "targets", "calib_batches", "alpha", "seed", "modules_to_save")
+
+_KRON_OPTIONS = ("a_shape", "b_shape", "init", "energy", "elbow", "a_rank", "b_rank", "scale")
+"""``adapt(..., "soka", **kwargs)``: the :class:`KronLinear` arguments it passes on."""
+
+
+def _options(method: str) -> dict[str, Any]:
+    if method == "soka":
+        return dict.fromkeys(_KRON_OPTIONS)
+    return method_options(method)
+
+
+def _check_unknown_kwargs(method: str, given: dict[str, Any], valid: Iterable[str]) -> None:
+    """``TypeError`` for a keyword ``adapt`` does not take with ``method``, naming the
+    nearest valid one, or else the nearest option of another method (and which)."""
+    valid = sorted({*_ADAPT_KWARGS, *valid})
+    for name in given:
+        if name in valid:
+            continue
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+        if close:
+            hint = f"; did you mean {close[0]!r}?"
+        else:
+            others = {o: m for m in ALL_METHODS for o in _options(m)}
+            near = difflib.get_close_matches(name, list(others), n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]!r} (an option of method {others[near[0]]!r})?" if near else ""
+        raise TypeError(f"{name}: unexpected keyword argument to adapt(method={method!r}) "
+                        f"(expected one of {valid}){hint}")
+
+
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed: expected an int in [0, 2**63), got {seed}")
+    return seed
+
+
+def _copy_linear(layer: nn.Linear) -> nn.Linear:
+    """``layer`` with its own copies of the weight and bias (same dtype and device)."""
+    new = copy.copy(layer)
+    new._parameters = {k: None if p is None else nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                       for k, p in layer._parameters.items()}
+    return new
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` where ``name`` is in ``root`` and return the (new) root:
+    ``name == ""`` is ``root`` itself (a bare ``nn.Linear`` was passed)."""
+    if name == "":
+        return module
+    set_module(root, name, module)
+    return root
+
+
+def _saved_modules(model: nn.Module, modules_to_save: Targets, adapted: Iterable[str]) -> list[nn.Module]:
+    """The modules ``modules_to_save`` names (peft's rule, as ``targets``), checked:
+    each entry must name a module, and none may be an adapted layer."""
+    if modules_to_save is None:
+        return []
+    if isinstance(modules_to_save, str):
+        entries: list[str] = [modules_to_save]
+        hit = lambda n, e: re.fullmatch(e, n) is not None  # noqa: E731
+    else:
+        if not isinstance(modules_to_save, Sequence) or not all(isinstance(t, str) for t in modules_to_save):
+            raise TypeError(f"modules_to_save: expected None, a regex string or a list of module names, "
+                            f"got {modules_to_save!r}")
+        entries = list(modules_to_save)
+        hit = lambda n, e: n == e or n.endswith("." + e)  # noqa: E731
+    adapted = set(adapted)
+    named = dict(model.named_modules())
+    chosen: list[nn.Module] = []
+    for e in entries:
+        names = [n for n in named if n and hit(n, e)]
+        if not names:
+            raise ValueError(f"modules_to_save: expected names of modules of the model, got {e!r} which matches none")
+        clash = [n for n in names if n in adapted or any(n.startswith(a + ".") for a in adapted if a)]
+        if clash:
+            raise ValueError(f"modules_to_save: expected modules the adapter does not wrap, got {e!r} matching "
+                             f"the adapted layer(s) {clash[:4]}")
+        chosen += [named[n] for n in names]
+    return chosen
+
+
+def freeze_non_adapter(model: nn.Module, keep: Iterable[nn.Module] = ()) -> nn.Module:
+    """Freeze every parameter of ``model`` but the adapters' declared trainable ones;
+    the parameters of the modules in ``keep`` are made trainable (peft's
+    ``modules_to_save``). Returns ``model``."""
+    mark_only_adapter_trainable(model)
+    for m in keep:
+        for p in m.parameters():
+            if p.is_floating_point() or p.is_complex():
+                p.requires_grad_(True)
+    return model
+
+
 def adapt(
     model: nn.Module,
     method: str,
@@ -128,6 +228,7 @@ def adapt(
     calib_batches: Optional[Iterable[Any]] = None,
     alpha: Optional[float] = None,
     seed: int = 0,
+    modules_to_save: Targets = None,
     **method_kwargs: Any,
 ) -> nn.Module:
     """Wrap the target ``nn.Linear`` layers of ``model`` in an SVD adapter, in place.
@@ -135,6 +236,8 @@ def adapt(
     Args:
         model: any module; its target linear layers are replaced by
             :class:`~svdkernels.adapters.SVDLinear` (``"soka"``: :class:`KronLinear`).
+            A bare ``nn.Linear`` is adapted too: the adapter layer is *returned*
+            (use the return value).
         method: one of ``lora``, ``pissa``, ``milora``, ``svfit``, ``clip_svd``,
             ``sorsa``, ``salt``, ``kasa``, ``corda``, ``eva``, ``nlora``, ``effort``,
             ``adalora``, ``soka`` (parametrisations in ``svdkernels/adapters/methods.py``).
@@ -144,32 +247,59 @@ def adapt(
             module name, or a list of names / dotted suffixes (peft's ``target_modules``).
         calib_batches: model inputs (tensors, tuples or dicts) for ``corda`` and ``eva``.
         alpha: branch scaling ``alpha / rank`` (default ``alpha = rank``: scaling 1).
-        seed: seed for the randomized SVD and random initialisations.
+        seed: seed for the randomized SVD and random initialisations, in ``[0, 2**63)``.
+        modules_to_save: modules (not adapted) that stay trainable, named as
+            ``targets`` names layers (peft's ``modules_to_save``, e.g. a
+            classification head ``["classifier"]``); every other parameter that is
+            not an adapter's is frozen.
         **method_kwargs: per method, e.g. ``corda_mode="kpm"``, ``gamma`` (SORSA),
             ``salt_rank``, ``train_core_only`` (NLoRA), ``oversample``/``n_iter`` (rsvd),
-            ``rho`` (EVA), ``energy``/``elbow`` (SoKA).
+            ``rho`` (EVA), ``energy``/``elbow``/``scale`` (SoKA). A keyword the method
+            does not take raises ``TypeError`` naming the nearest valid one; a
+            non-finite or negative hyper-parameter raises ``ValueError``.
 
     Returns:
-        ``model``. Only the adapter's declared parameters have ``requires_grad=True``;
-        everything else in the model is left as it was (freeze the rest yourself, or use
-        :func:`svdkernels.adapters.mark_only_adapter_trainable`).
+        ``model`` (or, for a bare ``nn.Linear``, its adapter layer). As with peft,
+        only the adapters' declared parameters and those of ``modules_to_save`` have
+        ``requires_grad=True``; every other parameter of the model is frozen.
+
+    Every argument is checked before the model is changed.
     """
-    if method not in ALL_METHODS:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(method, str) or method not in ALL_METHODS:
         raise ValueError(f"method: expected one of {ALL_METHODS}, got {method!r}")
+    options = _options(method)
+    _check_unknown_kwargs(method, method_kwargs, options)
+    _check_seed(seed)
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank: expected an int, got {type(rank).__name__}")
+    if method != "soka":
+        check_method_options(method, method_kwargs, options)
     layers = find_linears(model, targets)
+    keep = _saved_modules(model, modules_to_save, layers)
     for name, layer in layers.items():
         _check_finite(name, layer)
     if method == "soka":
-        for name, layer in layers.items():
-            set_module(model, name, KronLinear(layer, init="soka", rank=rank, seed=seed, **method_kwargs))
-        return model
+        if rank < 1:
+            raise ValueError(f"rank: expected an int >= 1 (Kronecker terms), got {rank}")
+        # SoKA replaces its base's weight by the residual: work on copies, so a layer
+        # that fails (e.g. an a_shape that fits another layer only) leaves the model as it was.
+        built = {name: KronLinear(_copy_linear(layer), rank=rank, seed=seed, **{"init": "soka", **method_kwargs})
+                 for name, layer in layers.items()}
+        for name, layer in built.items():
+            model = _replace(model, name, layer)
+        return freeze_non_adapter(model, keep)
     spec = METHODS[method]
     if method != "clip_svd":
         for name, layer in layers.items():
             _check_rank(rank, name, layer, spec.full_rank_ok)
+    if alpha is not None:
+        check_finite_number("alpha", alpha, low=0.0, low_inclusive=False)
     alpha = float(rank if alpha is None else alpha)
     if not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha: expected a positive finite number, got {alpha}")
+    method_kwargs = dict(method_kwargs)
     stats: dict[str, torch.Tensor] = {}
     if spec.needs is not None:
         if calib_batches is None:
@@ -177,6 +307,7 @@ def adapt(
         stats = _layer_inputs(model, layers, calib_batches, kind=spec.needs)
     if method == "eva":
         stats = eva_components(stats, rank, rho=method_kwargs.pop("rho", 2.0), seed=seed)
+    built_svd: dict[str, SVDLinear] = {}
     for (out_f, in_f, _, _), names in _shape_groups(layers).items():
         W = torch.stack([layers[n].weight.detach().float() for n in names])
         extra = {}
@@ -188,8 +319,10 @@ def adapt(
         for name, init in zip(names, inits):
             if init.A.shape[0] == 0:
                 continue  # EVA gave this layer no components: it stays a plain nn.Linear
-            set_module(model, name, build_layer(layers[name], method, init))
-    return model
+            built_svd[name] = build_layer(layers[name], method, init)
+    for name, layer in built_svd.items():  # replaced only once every layer is built
+        model = _replace(model, name, layer)
+    return freeze_non_adapter(model, keep)
 
 
 def _layer_inputs(

@@ -25,11 +25,16 @@ from typing import Optional
 import torch
 from torch import nn
 
+from svdkernels.errors import check_finite_number, strict_kwargs
 from svdkernels.linalg.kpsvd import kpsvd, kron_sum
 from svdkernels.ops.kron_linear import factor_dims, kron_linear, normalize_factor
-from svdkernels.reference.kron_linear import compose
 
 Shape2 = tuple[int, int]
+
+
+def _dense(factor: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The dense factor ``[r, p, q]`` of a normalised ``(dense,)`` or ``(u, v)`` factor."""
+    return factor[0] if len(factor) == 1 else torch.matmul(factor[0], factor[1])
 
 
 def near_square_factors(dimension: int, factor: int = -1) -> Shape2:
@@ -66,6 +71,11 @@ def _split_shapes(out_features: int, in_features: int, factor: int) -> tuple[Sha
     return (out_l, in_m), (out_k, in_n)
 
 
+def _check_scale(scale: object) -> None:
+    # A NaN scale would reach the base weight through SoKA's residual and merge().
+    check_finite_number("scale", scale)
+
+
 class KronLinear(nn.Module):
     """``y = base(x) + scale · x @ (Σ_i A_i ⊗ B_i)ᵀ`` with the base layer frozen.
 
@@ -88,6 +98,7 @@ class KronLinear(nn.Module):
     Shapes: ``x [..., in_features] -> y [..., out_features]``.
     """
 
+    @strict_kwargs
     def __init__(
         self,
         base: nn.Linear,
@@ -122,6 +133,16 @@ class KronLinear(nn.Module):
                 f"got a_shape {tuple(a_shape)}, b_shape {tuple(b_shape)}")
         if init == "soka" and (a_rank is not None or b_rank is not None):
             raise ValueError("a_rank, b_rank: low-rank factors need init='lokr'; SoKA's factors are dense")
+        _check_scale(scale)
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank: expected None or a positive int, got {rank!r}")
+        check_finite_number("energy", energy, low=0.0, low_inclusive=False, high=1.0, allow_none=True)
+        if not isinstance(elbow, bool):
+            raise TypeError(f"elbow: expected a bool, got {elbow!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise ValueError(f"seed: expected None or an int in [0, 2**63), got {seed!r}")
+        if init == "soka" and not bool(torch.isfinite(base.weight.detach()).all()):
+            raise ValueError("base: expected a finite weight (SoKA factorises it), got NaN or inf")
         self._attach(base, (a1, a2), (b1, b2), scale)
         dtype, device = base.weight.dtype, base.weight.device
         if init == "soka":
@@ -173,6 +194,7 @@ class KronLinear(nn.Module):
         setattr(self, f"{name}_v", nn.Parameter(kaiming(r, k, q)))
 
     @classmethod
+    @strict_kwargs
     def from_factors(
         cls, base: nn.Linear, A: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
         B: torch.Tensor | tuple[torch.Tensor, torch.Tensor], *, scale: float = 1.0,
@@ -192,6 +214,7 @@ class KronLinear(nn.Module):
             raise ValueError(
                 f"A, B: expected a1*b1 = out_features ({base.out_features}) and a2*b2 = in_features "
                 f"({base.in_features}), got A {(a1, a2)}, B {(b1, b2)}")
+        _check_scale(scale)
         layer._attach(base, (a1, a2), (b1, b2), scale)
         for name, f in (("A", Af), ("B", Bf)):
             if len(f) == 1:
@@ -217,8 +240,8 @@ class KronLinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The dense ``scale·Σ_i A_i ⊗ B_i`` ``[out, in]`` (for merging and tests only)."""
-        A = compose(normalize_factor("A", self.factor("A"))).float()
-        B = compose(normalize_factor("B", self.factor("B"))).float()
+        A = _dense(normalize_factor("A", self.factor("A"))).float()
+        B = _dense(normalize_factor("B", self.factor("B"))).float()
         return self.scale * kron_sum(A.new_ones(A.shape[0]), A, B)
 
     # -- forward, merge -----------------------------------------------------------------

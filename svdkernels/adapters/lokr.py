@@ -17,6 +17,7 @@ same scale. Only safetensors and JSON are read or written.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Any
@@ -27,6 +28,7 @@ from torch import nn
 
 from svdkernels.adapters.kron import KronLinear, near_square_factors
 from svdkernels.adapters.modules import set_module
+from svdkernels.errors import FormatError
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -42,6 +44,74 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
     return default
 
 
+def _read_config(path: str, config_path: str) -> dict[str, Any]:
+    """``adapter_config.json``, checked for the keys :func:`load_lokr` uses."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(path, f"{CONFIG_NAME} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise FormatError(path, f"{CONFIG_NAME}: expected a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LOKR":
+        raise FormatError(path, f"{CONFIG_NAME}: expected a LoKr adapter (peft_type 'LOKR'), "
+                                f"got {config.get('peft_type')!r}")
+    if config.get("use_effective_conv2d", False) not in (False, None):
+        raise FormatError(path, f"{CONFIG_NAME}: use_effective_conv2d = {config['use_effective_conv2d']!r}; only "
+                                "nn.Linear LoKr layers are supported")
+
+    def rank(where: str, v: object) -> None:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise FormatError(path, f"{CONFIG_NAME}: expected {where} a positive int, got {v!r}")
+
+    def alpha(where: str, v: object) -> None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise FormatError(path, f"{CONFIG_NAME}: expected {where} a finite number, got {v!r}")
+
+    rank("r", config.get("r", 8))
+    alpha("alpha", config.get("alpha", 8))
+    for key, check in (("rank_pattern", rank), ("alpha_pattern", alpha)):
+        pat = config.get(key) or {}
+        if not isinstance(pat, dict):
+            raise FormatError(path, f"{CONFIG_NAME}: expected {key} a JSON object, got {type(pat).__name__}")
+        for k, v in pat.items():
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise FormatError(path, f"{CONFIG_NAME}: {key} key {k!r} is not a valid regex ({e})") from None
+            check(f"{key}[{k!r}]", v)
+    if not isinstance(config.get("decompose_both", False), bool):
+        raise FormatError(path, f"{CONFIG_NAME}: expected decompose_both a bool, got {config['decompose_both']!r}")
+    factor = config.get("decompose_factor", -1)
+    if isinstance(factor, bool) or not isinstance(factor, int) or not (factor == -1 or factor > 0):
+        raise FormatError(path, f"{CONFIG_NAME}: expected decompose_factor -1 or a positive int, got {factor!r}")
+    return config
+
+
+def _lokr_factor(path: str, name: str, parts: dict[str, torch.Tensor], which: str, shape: tuple[int, int],
+                 r: int, low_rank: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LoKr's ``w1``/``w2`` of module ``name``, checked against peft's layout: dense
+    ``[p, q]`` or, when peft would build it low-rank, ``_a [p, r]`` and ``_b [r, q]``."""
+    present = sorted(k for k in parts if k.startswith(which))
+    want = [f"{which}_a", f"{which}_b"] if low_rank else [which]
+    if present != want:
+        raise FormatError(path, f"module {name!r}: expected tensors {['lokr_' + w for w in want]} (peft's layout "
+                                f"for r = {r}), got {['lokr_' + w for w in present]}")
+    p, q = shape
+    shapes = {f"{which}_a": (p, r), f"{which}_b": (r, q)} if low_rank else {which: (p, q)}
+    for key, want_shape in shapes.items():
+        t = parts[key]
+        if tuple(t.shape) != want_shape:
+            raise FormatError(path, f"tensor '{PREFIX}{name}.lokr_{key}': expected shape {list(want_shape)}, "
+                                    f"got {list(t.shape)}")
+        if not t.is_floating_point():
+            raise FormatError(path, f"tensor '{PREFIX}{name}.lokr_{key}': expected a floating-point dtype, "
+                                    f"got {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise FormatError(path, f"tensor '{PREFIX}{name}.lokr_{key}': expected finite values, got NaN or inf")
+    return parts[which] if not low_rank else (parts[f"{which}_a"], parts[f"{which}_b"])
+
+
 def load_lokr(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Wrap the layers a peft LoKr adapter names in :class:`KronLinear`, in place.
 
@@ -50,52 +120,76 @@ def load_lokr(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         path: the adapter directory written by peft's ``save_pretrained``.
 
     Returns:
-        ``model``, whose adapted ``nn.Linear`` layers are now ``KronLinear`` with the
+        ``model`` (for a bare ``nn.Linear``, the ``KronLinear`` that replaces it),
+        whose adapted ``nn.Linear`` layers are now ``KronLinear`` with the
         adapter's factors and scale ``alpha / r``; its outputs equal peft's
         ``PeftModel.from_pretrained(model, path)`` (dropouts are training-only and
         not applied).
+
+    The whole adapter is checked before the model is changed: the config's types
+    and ranges (``r``, ``alpha``, the patterns as regexes), the tensor names, each
+    factor's shape against peft's split of the layer (``decompose_factor``) and the
+    dense or low-rank layout peft builds for its ``r``, finiteness.
+
+    Raises:
+        svdkernels.errors.FormatError (a ``ValueError``): a missing file, malformed
+            JSON or safetensors, or an adapter peft would not load the same way.
+        ValueError/TypeError: ``model`` lacks a named module or it is not an ``nn.Linear``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     path = os.fspath(path)
     config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     for p in (config_path, weights_path):
         if not os.path.isfile(p):
-            raise ValueError(f"path: expected a peft adapter directory with {CONFIG_NAME} and {WEIGHTS_NAME}, "
-                             f"missing {p}")
-    with open(config_path) as f:
-        config = json.load(f)
-    if config.get("peft_type") != "LOKR":
-        raise ValueError(f"path: expected a LoKr adapter (peft_type 'LOKR'), got {config.get('peft_type')!r}")
-    tensors = load_file(weights_path)
+            raise FormatError(path, f"expected a peft adapter directory with {CONFIG_NAME} and {WEIGHTS_NAME}, "
+                                    f"missing {p}")
+    config = _read_config(path, config_path)
+    try:
+        tensors = load_file(weights_path)
+    except Exception as e:  # SafetensorError, OSError, ...
+        raise FormatError(path, f"{WEIGHTS_NAME} is not a readable safetensors file ({type(e).__name__}: {e})") from e
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            raise ValueError(f"path: unexpected tensor {key!r} in {WEIGHTS_NAME} (expected <module>.lokr_w1 etc.)")
+            raise FormatError(path, f"unexpected tensor {key!r} in {WEIGHTS_NAME} (expected <module>.lokr_w1 etc.)")
         if m["part"] == "t2":
-            raise ValueError(f"path: {key!r} is an effective-conv2d (Tucker) factor; only nn.Linear LoKr "
-                             "layers are supported")
+            raise FormatError(path, f"{key!r} is an effective-conv2d (Tucker) factor; only nn.Linear LoKr "
+                                    "layers are supported")
         layers.setdefault(m["name"], {})[m["part"]] = value
+    if not layers:
+        raise FormatError(path, f"{WEIGHTS_NAME} holds no LoKr tensors")
     r0, alpha0 = config.get("r", 8), config.get("alpha", 8)
+    factor = config.get("decompose_factor", -1)
+    decompose_both = config.get("decompose_both", False)
+    plan = {}
     for name, parts in layers.items():
         try:
             base = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"model: the adapter names module {name!r}, which the model does not have") from None
-        if not isinstance(base, nn.Linear):
+        if not isinstance(base, nn.Linear) or isinstance(base, KronLinear):
             raise TypeError(f"model: module {name!r} is a {type(base).__name__}; only nn.Linear is supported")
         r = _pattern_value(config.get("rank_pattern") or {}, name, r0)
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, alpha0)
+        (out_l, out_k), (in_m, in_n) = (near_square_factors(base.out_features, factor),
+                                        near_square_factors(base.in_features, factor))
+        # peft.tuners.lokr.layer.LoKrLayer.update_layer: which factors are low-rank.
+        low1 = decompose_both and r < max(out_l, in_m) / 2
+        low2 = r < max(out_k, in_n) / 2
+        w1 = _lokr_factor(path, name, parts, "w1", (out_l, in_m), r, low1)
+        w2 = _lokr_factor(path, name, parts, "w2", (out_k, in_n), r, low2)
+        plan[name] = (base, w1, w2, alpha / r)
+    built = {}
+    dtype_of = lambda f, d: f.to(d) if isinstance(f, torch.Tensor) else tuple(t.to(d) for t in f)  # noqa: E731
+    for name, (base, w1, w2, scale) in plan.items():
         dtype = base.weight.dtype
-
-        def factor(which: str) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-            if which in parts:
-                return parts[which].to(dtype)
-            if f"{which}_a" in parts and f"{which}_b" in parts:
-                return parts[f"{which}_a"].to(dtype), parts[f"{which}_b"].to(dtype)
-            raise ValueError(f"path: module {name!r} has neither lokr_{which} nor lokr_{which}_a/_b")
-
-        layer = KronLinear.from_factors(base, factor("w1"), factor("w2"), scale=alpha / r)
-        layer.to(base.weight.device)
+        layer = KronLinear.from_factors(base, dtype_of(w1, dtype), dtype_of(w2, dtype), scale=scale)
+        built[name] = layer.to(base.weight.device)
+    for name, layer in built.items():  # the model changes only once the whole adapter is checked
+        if name == "":
+            return layer
         set_module(model, name, layer)
     return model
 

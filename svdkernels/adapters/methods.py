@@ -303,6 +303,55 @@ METHODS: dict[str, Method] = {
 }
 """Every method :func:`svdkernels.adapt` builds on :class:`SVDLinear` ("soka" uses KronLinear)."""
 
+# ---------------------------------------------------------------------------
+# Per-method keyword arguments of ``adapt``
+
+_ADAPT_SUPPLIED = frozenset({"seed", "alpha", "covariance", "components"})
+"""Keyword-only parameters of the ``_init_*`` functions that ``adapt`` passes itself."""
+
+_AT_LEAST_ONE = frozenset({"rho", "salt_rank"})
+"""Numeric options whose lower bound is 1 rather than 0 (EVA's ρ as peft requires it)."""
+
+
+def method_options(method: str) -> dict[str, Any]:
+    """The keyword arguments ``adapt(model, method, **kwargs)`` accepts for an SVD
+    method, with their defaults: the keyword-only parameters of its ``_init_*``
+    function (minus what ``adapt`` supplies), plus ``rho`` for EVA."""
+    import inspect
+
+    params = inspect.signature(METHODS[method].init).parameters
+    opts = {n: p.default for n, p in params.items()
+            if p.kind is p.KEYWORD_ONLY and n not in _ADAPT_SUPPLIED}
+    if method == "eva":
+        opts["rho"] = 2.0
+    return opts
+
+
+def check_method_options(method: str, options: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """``TypeError``/``ValueError`` naming the first option of ``options`` whose type
+    differs from its default's (``None`` defaults take an int) or whose value is
+    non-finite, negative, or (for ``rho``, ``salt_rank``) below 1."""
+    from svdkernels.errors import check_finite_number
+
+    for name, value in options.items():
+        default = defaults[name]
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: expected a bool for method {method!r}, got {value!r}")
+        elif isinstance(default, str):
+            if not isinstance(value, str):
+                raise TypeError(f"{name}: expected a str for method {method!r}, got {value!r}")
+        elif isinstance(default, int) or default is None:
+            if value is None and default is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: expected an int for method {method!r}, got {value!r}")
+            low = 1 if name in _AT_LEAST_ONE else 0
+            if value < low:
+                raise ValueError(f"{name}: expected an int >= {low} for method {method!r}, got {value!r}")
+        else:  # float hyper-parameters: regulariser weights, EVA's rho
+            check_finite_number(name, value, low=1.0 if name in _AT_LEAST_ONE else 0.0)
+
 
 # ---------------------------------------------------------------------------
 # Regularisers

@@ -31,9 +31,68 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from svdkernels.errors import check_finite_number, strict_kwargs
+
 
 def _frozen(t: Optional[torch.Tensor]) -> Optional[nn.Parameter]:
     return None if t is None else nn.Parameter(t, requires_grad=False)
+
+
+SALT_PARTS = ("sigma", "salt_scale", "salt_shift", "salt_U", "salt_Vh", "salt_X", "salt_Y")
+"""SALT's extra tensors (``SVDLinear.from_parts(salt=...)`` keys)."""
+
+
+def _check_parts(method: object, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], A: object, B: object,
+                 scaling: object, E: Optional[torch.Tensor], N: Optional[torch.Tensor], trainable: object,
+                 removed: object, salt: object, config: object) -> None:
+    """``TypeError``/``ValueError`` naming the first argument of
+    :meth:`SVDLinear.from_parts` that is malformed (shapes, dtypes, devices, types)."""
+    from svdkernels.adapters.methods import METHODS
+
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method: expected one of {tuple(METHODS)}, got {method!r}")
+    for name, t in (("A", A), ("B", B)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+            got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name}: expected a 2-D floating-point tensor, got {got}")
+    r, in_f = A.shape
+    out_f = B.shape[0]
+    if r < 1 or in_f < 1 or out_f < 1 or B.shape[1] != r:
+        raise ValueError(f"A, B: expected A [r, in] and B [out, r] with r, in, out >= 1, got A {list(A.shape)}, "
+                         f"B {list(B.shape)}")
+    check_finite_number("scaling", scaling, low=0.0, low_inclusive=False)
+    shapes = {"weight": (weight, (out_f, in_f)), "bias": (bias, (out_f,)), "E": (E, (r,)), "N": (N, (r, r))}
+    if removed is not None:
+        if not isinstance(removed, (tuple, list)) or len(removed) != 2:
+            raise TypeError(f"removed: expected None or a pair (up, down), got {type(removed).__name__}")
+        p = removed[0].shape[-1] if isinstance(removed[0], torch.Tensor) and removed[0].dim() == 2 else -1
+        shapes["removed[0]"], shapes["removed[1]"] = (removed[0], (out_f, p)), (removed[1], (p, in_f))
+    if salt is not None:
+        if not isinstance(salt, dict) or set(salt) != set(SALT_PARTS):
+            raise ValueError(f"salt: expected a dict with keys {list(SALT_PARTS)}, got "
+                             f"{sorted(salt) if isinstance(salt, dict) else type(salt).__name__}")
+        k = min(in_f, out_f)
+        X = salt["salt_X"]
+        q = X.shape[-1] if isinstance(X, torch.Tensor) and X.dim() == 2 else -1
+        for key, shape in (("sigma", (r,)), ("salt_scale", (r,)), ("salt_shift", (r,)), ("salt_U", (out_f, k - r)),
+                           ("salt_Vh", (k - r, in_f)), ("salt_X", (k - r, q)), ("salt_Y", (q, k - r))):
+            shapes[f"salt[{key!r}]"] = (salt[key], shape)
+    for name, (t, shape) in shapes.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name}: expected None or a floating-point tensor, got {got}")
+        if tuple(t.shape) != shape or -1 in shape:
+            raise ValueError(f"{name}: expected shape {list(shape)} (A is {list(A.shape)}, B {list(B.shape)}), "
+                             f"got {list(t.shape)}")
+        if t.device != A.device:
+            raise ValueError(f"{name}: expected device {A.device} (that of A), got {t.device}")
+    if isinstance(trainable, str) or not isinstance(trainable, (tuple, list)) or not all(
+            isinstance(n, str) for n in trainable):
+        raise TypeError(f"trainable: expected a tuple of parameter names, got {trainable!r}")
+    if config is not None and not isinstance(config, dict):
+        raise TypeError(f"config: expected None or a dict, got {type(config).__name__}")
 
 
 class SVDLinear(nn.Module):
@@ -73,6 +132,7 @@ class SVDLinear(nn.Module):
         self.salt_X: Optional[nn.Parameter] = None
 
     @classmethod
+    @strict_kwargs
     def from_parts(
         cls,
         method: str,
@@ -102,6 +162,7 @@ class SVDLinear(nn.Module):
                 salt_Vh, salt_X, salt_Y`` (see the class docstring).
             config: the method's hyper-parameters (regulariser weights), JSON-serialisable.
         """
+        _check_parts(method, weight, bias, A, B, scaling, E, N, trainable, removed, salt, config)
         out_f, r = B.shape
         in_f = A.shape[1]
         layer = cls(in_f, out_f, method, scaling)
