@@ -2,18 +2,46 @@
 
 Schema, fake (meta) implementation, input validation and backend dispatch. The
 algorithm itself is in ``svdkernels/reference/rsvd.py`` (Halko, Martinsson &
-Tropp 2011); backends differ only in how they compute the products with ``A``.
+Tropp 2011; block Krylov of Musco & Musco 2015; dashSVD's accuracy control);
+backends differ only in how they compute the products with ``A``.
+
+Backends. Dense float32/float16/bfloat16 input with the default options runs the
+Triton passes on CUDA. Everything the Triton kernels do not cover runs the reference
+backend on any device (its products are cuBLAS/cuSPARSE calls on CUDA): float64,
+sparse COO/CSR input, ``center``, ``method="krylov"`` and ``tol``.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Union
 
 import torch
 
 from svdkernels.backends import select_backend
 from svdkernels.reference import rsvd as reference
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_SKETCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_LAYOUTS = (torch.strided, torch.sparse_coo, torch.sparse_csr)
+METHODS = ("hmt", "krylov")
+CENTERS = ("columns", "rows")
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _validate_sparse(A: torch.Tensor) -> None:
+    if A.layout not in _LAYOUTS:
+        raise TypeError(
+            f"A: expected layout torch.strided, torch.sparse_coo or torch.sparse_csr, got {A.layout}"
+            " (convert with A.to_sparse_csr() or A.to_dense())"
+        )
+    if A.layout == torch.strided:
+        return
+    if A.dim() not in (2, 3):
+        raise ValueError(f"A: expected a sparse tensor of shape [m, n] or [B, m, n], got shape {tuple(A.shape)}")
+    if A.layout == torch.sparse_coo and A.dense_dim() != 0:
+        raise ValueError(f"A: expected a sparse COO tensor with no dense dimensions, got dense_dim()={A.dense_dim()}")
+    if A.layout == torch.sparse_csr and A.dense_dim() != 0:
+        raise ValueError(f"A: expected a sparse CSR tensor with no dense dimensions, got dense_dim()={A.dense_dim()}")
 
 
 def validate(
@@ -22,14 +50,21 @@ def validate(
     oversample: int,
     n_iter: int,
     sketch_dtype: Optional[torch.dtype],
+    center: Optional[str] = None,
+    method: str = "hmt",
+    tol: Optional[float] = None,
+    shift_u: Optional[torch.Tensor] = None,
+    shift_v: Optional[torch.Tensor] = None,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming the argument for any bad input."""
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"A: expected a torch.Tensor, got {type(A).__name__}")
     if A.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"A: expected dtype float32, float16 or bfloat16, got {A.dtype}")
+        hint = " (complex input is not supported: factor the real and imaginary parts' stacked form)" if A.is_complex() else ""
+        raise TypeError(f"A: expected dtype float32, float64, float16 or bfloat16, got {A.dtype}{hint}")
     if A.dim() < 2:
         raise ValueError(f"A: expected a tensor of shape [..., m, n] (at least 2 dims), got shape {tuple(A.shape)}")
+    _validate_sparse(A)
     for name, value in (("rank", rank), ("oversample", oversample), ("n_iter", n_iter)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -40,8 +75,53 @@ def validate(
         raise ValueError(f"oversample: expected >= 0, got {oversample}")
     if n_iter < 0:
         raise ValueError(f"n_iter: expected >= 0, got {n_iter}")
-    if sketch_dtype is not None and sketch_dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"sketch_dtype: expected None, float32, float16 or bfloat16, got {sketch_dtype}")
+    if sketch_dtype is not None and sketch_dtype not in _SKETCH_DTYPES:
+        raise TypeError(f"sketch_dtype: expected None, float32, float64, float16 or bfloat16, got {sketch_dtype}")
+    if center is not None and center not in CENTERS:
+        raise ValueError(f"center: expected None, True, 'columns' or 'rows', got {center!r}")
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if tol is not None:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+            raise TypeError(f"tol: expected a float or None, got {type(tol).__name__}")
+        if not (math.isfinite(tol) and tol > 0):
+            raise ValueError(f"tol: expected a finite float > 0, got {tol}")
+        if method != "hmt":
+            raise ValueError(f"tol: supported with method='hmt' only, got method={method!r}")
+    if (shift_u is None) != (shift_v is None):
+        raise ValueError("shift_u, shift_v: expected both or neither, got one")
+    if shift_u is not None:
+        if center is not None:
+            raise ValueError(f"center: expected None when shift_u/shift_v are given, got {center!r}")
+        batch = tuple(A.shape[:-2])
+        for name, t, size in (("shift_u", shift_u, m), ("shift_v", shift_v, n)):
+            if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"{name}: expected a dense float tensor, got {type(t).__name__ if not isinstance(t, torch.Tensor) else (t.layout, t.dtype)}")
+            try:
+                torch.broadcast_shapes(tuple(t.shape), (*batch, size))
+                ok = torch.broadcast_shapes(tuple(t.shape), (*batch, size)) == (*batch, size)
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{name}: expected a shape broadcastable to {(*batch, size)}, got {tuple(t.shape)}")
+            if t.device != A.device:
+                raise ValueError(f"{name}: expected device {A.device} (that of A), got {t.device}")
+
+
+def validate_seed(seed: object) -> None:
+    """``seed``: ``None`` or an int64 (what the op's schema carries)."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+    if not INT64[0] <= seed <= INT64[1]:
+        raise ValueError(f"seed: expected an int in [-2**63, 2**63 - 1] (int64), got {seed}")
+
+
+def _use_triton(A: torch.Tensor, center, method, tol, shift_u) -> bool:
+    plain = A.layout == torch.strided and A.dtype != torch.float64
+    plain = plain and center is None and method == "hmt" and tol is None and shift_u is None
+    return plain and select_backend("rsvd", A.device) == "triton"
 
 
 @torch.library.custom_op("svdkernels::rsvd", mutates_args=())
@@ -52,34 +132,44 @@ def rsvd_op(
     n_iter: int,
     seed: Optional[int],
     sketch_dtype: Optional[torch.dtype],
+    center: Optional[str] = None,
+    method: str = "hmt",
+    tol: Optional[float] = None,
+    shift_u: Optional[torch.Tensor] = None,
+    shift_v: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.ops.svdkernels.rsvd``; see :func:`svdkernels.rsvd` for the contract."""
-    validate(A, rank, oversample, n_iter, sketch_dtype)
+    """``torch.ops.svdkernels.rsvd``; see :func:`svdkernels.rsvd` for the contract.
+
+    ``shift_u [..., m]``, ``shift_v [..., n]``: factor ``A − shift_u·shift_vᵀ`` (implicitly),
+    the rank-one ``M`` of :func:`svdkernels.linalg.svd_lowrank`.
+    """
+    validate(A, rank, oversample, n_iter, sketch_dtype, center, method, tol, shift_u, shift_v)
     if seed is None:
         # Drawn from torch's default CPU generator, so torch.manual_seed governs it;
         # drawing here (not in the caller) keeps torch.compile graphs whole.
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
     kwargs = dict(oversample=oversample, n_iter=n_iter, seed=seed, sketch_dtype=sketch_dtype)
-    if select_backend("rsvd", A.device) == "triton":
+    if _use_triton(A, center, method, tol, shift_u):
         from svdkernels.triton import rsvd as triton_rsvd
 
         out = triton_rsvd.rsvd(A, rank, **kwargs)
     else:
-        out = reference.rsvd(A, rank, **kwargs)
+        shift = None if shift_u is None else (shift_u, shift_v)
+        out = reference.rsvd(A, rank, center=center, shift=shift, method=method, tol=tol, **kwargs)
     # A fixed (contiguous) layout is part of the contract the fake promises; the
     # copies are of the small factors only.
     return tuple(t.contiguous() for t in out)
 
 
 @rsvd_op.register_fake
-def _(A, rank, oversample, n_iter, seed, sketch_dtype):
-    validate(A, rank, oversample, n_iter, sketch_dtype)
+def _(A, rank, oversample, n_iter, seed, sketch_dtype, center=None, method="hmt", tol=None, shift_u=None, shift_v=None):
+    validate(A, rank, oversample, n_iter, sketch_dtype, center, method, tol, shift_u, shift_v)
     *batch, m, n = A.shape
-    new = A.new_empty
+    dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
     return (
-        new(*batch, m, rank, dtype=torch.float32),
-        new(*batch, rank, dtype=torch.float32),
-        new(*batch, rank, n, dtype=torch.float32),
+        torch.empty(*batch, m, rank, dtype=dtype, device=A.device),
+        torch.empty(*batch, rank, dtype=dtype, device=A.device),
+        torch.empty(*batch, rank, n, dtype=dtype, device=A.device),
     )
 
 
@@ -91,45 +181,90 @@ def rsvd(
     n_iter: int = 2,
     seed: Optional[int] = None,
     sketch_dtype: Optional[torch.dtype] = None,
+    center: Union[bool, str, None] = None,
+    method: str = "hmt",
+    tol: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched randomized SVD: ``A ≈ U·diag(S)·Vh`` of rank ``rank``.
 
     Halko, Martinsson & Tropp (2011): a Gaussian sketch of ``rank + oversample``
     columns, independent for every batch element, ``n_iter`` steps of subspace
     iteration, Cholesky-QR orthonormalisation (GEMM-only, no host synchronisation)
-    and the SVD of the small projected matrix.
+    and the SVD of the small projected matrix. Scale-invariant: ``rsvd(c·A)`` gives
+    ``c·S`` for any ``c`` that keeps ``c·A`` finite (1e-30 and 1e18 included).
 
     Args:
-        A: ``[..., m, n]`` float32, float16 or bfloat16, any number of batch dims,
-            any device.
+        A: ``[..., m, n]`` float32, float64, float16 or bfloat16, any number of batch
+            dims, any device; or sparse: COO ``[m, n]``/``[B, m, n]`` or CSR ``[m, n]``/
+            ``[B, m, n]`` (never densified: products are CSR × dense, ``O(nnz)``
+            extra memory for CSR copies of ``A`` and ``Aᵀ``). Complex input is not
+            supported. Every entry must be finite.
         rank: number of singular triplets, ``1 <= rank <= min(m, n)``.
         oversample: extra sketch columns. ``rank + oversample >= min(m, n)``
-            computes an exact SVD instead.
-        n_iter: power (subspace) iterations; each costs two passes over ``A``.
+            computes an exact SVD instead (dense ``A``; sparse ``A`` gets a sketch of
+            ``min(m, n)`` columns, which spans its range exactly).
+        n_iter: power (subspace) iterations; each costs two passes over ``A``
+            (with ``tol``: the most it may do).
         seed: the same seed gives the same result on every call (on a given
             device and backend). ``None`` draws one from torch's default generator.
+            An int64: ``-2**63 <= seed < 2**63``.
         sketch_dtype: operand precision of the sketch and power passes. ``None``
             picks bfloat16 for float32 input on devices with native bfloat16
             matmul (the last range pass and the projection always read ``A`` in
             its own precision, so accuracy is that of float32; see
-            ``svdkernels/reference/rsvd.py``), else the input's dtype.
+            ``svdkernels/reference/rsvd.py``), else the input's dtype. Ignored for
+            sparse ``A``, ``method="krylov"`` and ``tol`` (every pass then reads ``A``
+            in its working precision).
+        center: ``None``/``False``: factor ``A``. ``True`` or ``"columns"``: factor
+            ``A − 1·mean(A, dim=-2)`` (each column centred: PCA with samples as rows,
+            ``torch.pca_lowrank``'s centring); ``"rows"``: ``A − mean(A, dim=-1)·1ᵀ``.
+            Applied implicitly, as a rank-one correction of every product: a sparse
+            ``A`` is never densified.
+        method: ``"hmt"`` (subspace iteration, the default) or ``"krylov"`` (block
+            Krylov, Musco & Musco 2015): the same ``2·n_iter + 2`` passes over ``A``,
+            a basis of ``(n_iter + 1)·(rank + oversample)`` columns, a lower error at
+            equal passes on slowly decaying spectra (more FLOPs in the thin products).
+        tol: dashSVD's accuracy control: stop the power iteration once
+            ``max_{i≤k} |σ_i(t)² − σ_i(t−1)²| / σ_{k+1}(t)²`` (the PVE criterion on
+            successive estimates) is below ``tol`` for every matrix in the batch
+            (``"hmt"`` only; dashSVD uses 1e-2). One host synchronisation per iteration.
 
     Returns:
         ``U [..., m, rank]`` with orthonormal columns, ``S [..., rank]`` descending,
-        ``Vh [..., rank, n]`` with orthonormal rows; all float32 and contiguous.
+        ``Vh [..., rank, n]`` with orthonormal rows; float64 for float64 ``A``, else
+        float32; contiguous, dense.
         Exception: where ``A`` has exact rank below ``rank`` (an all-zero matrix,
         say), the vectors of the exactly-zero singular values are returned as zero
         vectors rather than an arbitrary orthonormal completion (completing them
-        without a host synchronisation would cost every call a second sketch).
+        without a host synchronisation would cost every call a second sketch);
+        float64 input (Householder QR and a full SVD of the small matrix) returns
+        an orthonormal completion instead.
+
+    Backends: dense float32/16-bit input with ``center``, ``method`` and ``tol`` at
+    their defaults runs the Triton passes on CUDA; float64, sparse, centred, Krylov
+    and ``tol`` calls run the reference backend (torch products) on any device.
+
+    Raises:
+        ValueError: naming ``A`` if it holds NaN or Inf; naming the argument for a
+            bad rank, oversample, n_iter, seed, center, method or tol.
+        TypeError: naming ``A`` for an unsupported dtype or sparse layout.
 
     Example::
 
         A = torch.randn(8, 1024, 512)
         U, S, Vh = svdkernels.rsvd(A, 32, seed=0)   # [8,1024,32], [8,32], [8,32,512]
+        U, S, Vh = svdkernels.rsvd(A, 32, method="krylov", seed=0)  # same passes, lower error
+        X = torch.sparse_coo_tensor(idx, val, (100_000, 50_000))
+        U, S, Vh = svdkernels.rsvd(X, 16, center=True)  # PCA of a sparse matrix
     """
+    if center is True:
+        center = "columns"
+    elif center is False:
+        center = None
     # Validated here too: the dispatcher's own type check would otherwise answer
     # first, without naming what was expected.
-    validate(A, rank, oversample, n_iter, sketch_dtype)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
-    return torch.ops.svdkernels.rsvd(A, rank, oversample, n_iter, seed, sketch_dtype)
+    validate(A, rank, oversample, n_iter, sketch_dtype, center, method, tol)
+    validate_seed(seed)
+    if tol is not None:
+        tol = float(tol)
+    return torch.ops.svdkernels.rsvd(A, rank, oversample, n_iter, seed, sketch_dtype, center, method, tol)

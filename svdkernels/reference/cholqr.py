@@ -14,10 +14,28 @@ conditioning: with the Gram in working precision ``u`` it breaks down once
 
 A second pass on the (now well-conditioned) result restores orthonormality to
 working precision (CholeskyQR2).
+
+Scale. ``Q`` does not depend on the scale of ``Y``, but its Gram does: a float32 Gram
+of entries around 1e-25 underflows to zero and one of entries around 1e19
+overflows. So each matrix is first multiplied by the power of two that brings its
+largest entry into [0.5, 1) (:func:`unit_scale`): exact in binary floating point,
+so for ordinary inputs ``Q`` is bit for bit what it was without the scaling.
 """
 from __future__ import annotations
 
 import torch
+
+
+def unit_scale(Y: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, 1]`` power of two ``2^-e`` with ``max |Y[b]|·2^-e`` in [0.5, 1).
+
+    ``Y`` is ``[B, r, c]``. All-zero (or non-finite) matrices get 1, so they pass
+    through unchanged. Power-of-two scaling is exact (no rounding of ``Y``).
+    """
+    amax = Y.abs().amax(dim=(-2, -1), keepdim=True)
+    _, e = torch.frexp(amax)
+    ok = torch.isfinite(amax) & (amax > 0)
+    return torch.where(ok, torch.ldexp(torch.ones_like(amax), -e), torch.ones_like(amax))
 
 
 def _shift(G: torch.Tensor, m: int) -> torch.Tensor:
@@ -46,7 +64,7 @@ def cholqr(Y: torch.Tensor, *, gram_dtype: torch.dtype = torch.float64) -> torch
     """One pass of Cholesky QR: ``Q = Y·R⁻¹`` with ``RᵀR = YᵀY``.
 
     Args:
-        Y: ``[B, m, l]`` float32.
+        Y: ``[B, m, l]`` float32 or float64, of any magnitude.
         gram_dtype: precision in which ``YᵀY`` is accumulated and factorised;
             float64 for possibly ill-conditioned ``Y``, float32 when ``Y`` is
             already nearly orthonormal.
@@ -55,6 +73,9 @@ def cholqr(Y: torch.Tensor, *, gram_dtype: torch.dtype = torch.float64) -> torch
         ``[B, m, l]`` in ``Y``'s dtype, spanning the same columns. Orthonormal to
         about ``u·κ(Y)`` (float64 Gram) or ``u·κ(Y)²`` (float32 Gram).
     """
+    # Power-of-two scaling (exact) keeps the Gram clear of underflow and overflow;
+    # Q does not depend on it.
+    Y = Y * unit_scale(Y)
     Yg = Y if Y.dtype == gram_dtype else Y.to(gram_dtype)
     G = Yg.mT @ Yg
     # The l x l factorisation is always done in float64: it costs nothing next to

@@ -30,15 +30,44 @@ accumulation; the projection splits ``Q = Q_hi + Q_lo`` into two 16-bit halves s
 
 Orthonormalisation is Cholesky QR (``svdkernels.reference.cholqr``): one pass
 between passes, CholeskyQR2 (float64 then float32 Gram) for the final basis.
+
+Beyond that plan (all in this driver, so every backend gets them):
+
+- float64 input: every pass in float64, Householder QR between passes and the SVD
+  of the small ``B`` itself (not of its Gram, which would square the condition
+  number): torch.svd_lowrank's accuracy, results in float64.
+- sparse ``A`` (COO 2-D/3-D, CSR 2-D/3-D): :class:`SparsePasses` multiplies CSR
+  copies of ``A`` and ``Aᵀ`` (``O(nnz)`` memory, never densified), every pass in the
+  working precision (float32 or float64).
+- ``center``: the products with ``A − u·vᵀ`` (row or column means) computed as
+  products with ``A`` minus a rank-one correction (:class:`ShiftedPasses`), so a
+  sparse ``A`` stays sparse.
+- ``method="krylov"``: block Krylov (Musco & Musco 2015). The same ``2·n_iter + 2``
+  passes, but the basis keeps every block ``[AΩ, (AAᵀ)AΩ, …, (AAᵀ)^q AΩ]`` instead of
+  only the last: error ``(1+ε)`` in ``O(log d/√ε)`` iterations against ``O(log d/ε)``.
+  The final projection is ``(n_iter+1)`` times wider (more FLOPs, the same reads of ``A``).
+- ``tol``: dashSVD's accuracy control (Feng, Yu et al., TOMS Alg. 1043): stop the power
+  iteration once the PVE-style change of the estimated spectrum,
+  ``max_{i≤k} |σ_i(t)² − σ_i(t−1)²| / σ_{k+1}(t)²``, is below ``tol`` for every matrix
+  of the batch (one host synchronisation per iteration).
+- Scale: every orthonormalisation and the small eigenproblem scale their input by a
+  power of two (exact), so ``A·1e-30`` and ``A·1e18`` give ``S`` scaled by 1e-30 and 1e18.
+  Products that overflow float32 although ``A`` is finite are redone on ``A·2^-e``.
+- A non-finite entry in ``A`` shows as a non-finite projection; the driver then
+  raises ``ValueError`` naming ``A`` and the batch elements (no LAPACK
+  "failed to converge" from deep inside).
 """
 from __future__ import annotations
 
+import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 
-from svdkernels.reference.cholqr import cholqr, cholqr2
+from svdkernels.reference.cholqr import cholqr, cholqr2, unit_scale
 
 
 class Passes(Protocol):
@@ -56,7 +85,7 @@ class Passes(Protocol):
         ...
 
     def sketch(self, A: torch.Tensor, width: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
-        """``[B, m, width]`` float32 ``= A·Ω`` with ``Ω [B, n, width]`` i.i.d. N(0, 1).
+        """``[B, m, width]`` float32 (float64 for float64 passes) ``= A·Ω`` with ``Ω [B, n, width]`` i.i.d. N(0, 1).
 
         ``Ω`` is a function of ``seed`` alone (independent across batch elements),
         with operands rounded to ``dtype`` and float32 accumulation.
@@ -66,7 +95,7 @@ class Passes(Protocol):
     def matmul(
         self, A: torch.Tensor, X: torch.Tensor, *, transpose: bool, dtype: torch.dtype
     ) -> torch.Tensor:
-        """``[B, m or n, w]`` float32 ``= op(A)·X``, ``op(A) = Aᵀ`` if ``transpose``.
+        """``[B, m or n, w]`` float32 (float64 for float64 passes) ``= op(A)·X``, ``op(A) = Aᵀ`` if ``transpose``.
 
         ``X`` is ``[B, n or m, w]``; operands rounded to ``dtype``, float32 accumulation.
         """
@@ -94,7 +123,7 @@ class TorchPasses:
         # Aᵀ·X as (Xᵀ·A)ᵀ: BLAS streams A in its stored order, measured 1.3-1.5x
         # faster than a transposed-A product on the CPU for thin X.
         out = (X.mT @ A).mT if transpose else A @ X
-        return out if out.dtype == torch.float32 else out.float()
+        return out if out.dtype in (torch.float32, torch.float64) else out.float()
 
 
 TORCH_PASSES = TorchPasses()
@@ -119,8 +148,11 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def working_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype ``A`` is read in: its own, except float16 on the CPU (no fast fp16 GEMM there)."""
+def working_dtype(dtype: torch.dtype, device: torch.device, sparse: bool = False) -> torch.dtype:
+    """The dtype ``A`` is read in: its own, except float16 on the CPU (no fast fp16 GEMM
+    there) and 16-bit sparse values (sparse 16-bit products are not faster)."""
+    if dtype in (torch.float16, torch.bfloat16) and sparse:
+        return torch.float32
     if dtype == torch.float16 and device.type == "cpu":
         return torch.float32
     return dtype
@@ -142,8 +174,9 @@ def plan_passes(
     16-bit products are rounded (``exact_16bit_products=False``) does them in float32.
     """
     low = [PassSpec(transpose=i % 2 == 1, dtype=sketch_dtype) for i in range(2 * n_iter)]
-    precise = dtype if exact_16bit_products else torch.float32
-    split = precise != torch.float32
+    # float32/float64 products are exact whatever the backend; 16-bit ones may not be.
+    precise = dtype if exact_16bit_products or dtype.itemsize >= 4 else torch.float32
+    split = precise.itemsize == 2
     return low + [PassSpec(False, precise), PassSpec(True, precise, split=split)]
 
 
@@ -154,9 +187,168 @@ def _split_halves(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([hi, lo], dim=-1)
 
 
+# --------------------------------------------------------------------------- sparse A
+
+SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
+
+
+def sparse_matrices(A: torch.Tensor) -> list[torch.Tensor]:
+    """The ``[m, n]`` matrices of a sparse ``A [m, n]`` or ``[B, m, n]`` (COO or CSR), as CSR.
+
+    ``O(nnz)`` copies; nothing is densified. A batched CSR tensor (torch requires the
+    same number of non-zeros per matrix) is split through its index tensors.
+    """
+    if A.layout == torch.sparse_coo:
+        A = A.coalesce()
+        mats = [A] if A.dim() == 2 else [A[b] for b in range(A.shape[0])]
+        with warnings.catch_warnings():  # torch's "CSR support is in beta", once per call
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return [M.to_sparse_csr() for M in mats]
+    if A.dim() == 2:
+        return [A]
+    crow, col, val = A.crow_indices(), A.col_indices(), A.values()
+    return [torch.sparse_csr_tensor(crow[b], col[b], val[b], A.shape[-2:]) for b in range(A.shape[0])]
+
+
+@dataclass(frozen=True)
+class SparseOperand:
+    """A sparse ``A [B, m, n]`` prepared for the passes: CSR copies of every ``A_b`` and ``A_bᵀ``."""
+
+    mats: tuple[torch.Tensor, ...]  # B x CSR [m, n]
+    mats_t: tuple[torch.Tensor, ...]  # B x CSR [n, m]
+    shape: tuple[int, int, int]  # (B, m, n)
+    device: torch.device
+
+
+class SparsePasses:
+    """Passes over a sparse ``A`` (COO or CSR, 2-D or batched 3-D): CSR times dense.
+
+    ``Aᵀ`` is kept as a CSR copy of its own (``O(nnz)``): on the CPU a CSR product
+    (MKL/OpenMP) is several times faster than the COO one, and CSRᵀ·X has no fast
+    kernel. Products are in the values' dtype (float32 or float64), never 16-bit.
+    """
+
+    exact_16bit_products = True  # no 16-bit products are ever made
+
+    def prepare(self, A: torch.Tensor, dtype: torch.dtype) -> SparseOperand:
+        mats = [M.to(dtype) for M in sparse_matrices(A)]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            mats_t = [M.t().to_sparse_csr() for M in mats]
+        m, n = A.shape[-2:]
+        return SparseOperand(tuple(mats), tuple(mats_t), (len(mats), m, n), A.device)
+
+    def sketch(self, A: SparseOperand, width: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.matmul(A, gaussian(A.shape[0], A.shape[2], width, seed, A.device), transpose=False, dtype=dtype)
+
+    def matmul(self, A: SparseOperand, X: torch.Tensor, *, transpose: bool, dtype: torch.dtype) -> torch.Tensor:
+        mats = A.mats_t if transpose else A.mats
+        X = X.to(mats[0].dtype)
+        return torch.stack([M @ x for M, x in zip(mats, X.unbind(0))])
+
+
+SPARSE_PASSES = SparsePasses()
+
+
+def gaussian(batch: int, n: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``Ω [batch, n, width]`` float32 i.i.d. N(0, 1), a function of ``seed``: the test
+    matrix of :class:`TorchPasses` (and of :class:`SparsePasses`, :class:`ShiftedPasses`)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(batch, n, width, generator=g, device=device)
+
+
+# --------------------------------------------------------------------------- A − u·vᵀ
+
+
+class ShiftedPasses:
+    """Passes over ``A − u·vᵀ`` (``u [B, m]``, ``v [B, n]``) through passes over ``A``.
+
+    ``(A − u·vᵀ)·X = A·X − u·(vᵀX)`` and ``(A − u·vᵀ)ᵀ·X = AᵀX − v·(uᵀX)``: the centred
+    matrix is never formed, so a sparse ``A`` stays sparse (torch.svd_lowrank's ``M``,
+    torch.pca_lowrank's centring). The correction is in the products' dtype.
+    """
+
+    def __init__(self, inner: Any, u: torch.Tensor, v: torch.Tensor) -> None:
+        self.inner, self.u, self.v = inner, u, v
+        self.exact_16bit_products = inner.exact_16bit_products
+
+    def prepare(self, A: Any, dtype: torch.dtype) -> Any:
+        return self.inner.prepare(A, dtype)
+
+    def sketch(self, A: Any, width: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+        B, n = self.v.shape
+        return self.matmul(A, gaussian(B, n, width, seed, self.v.device), transpose=False, dtype=dtype)
+
+    def matmul(self, A: Any, X: torch.Tensor, *, transpose: bool, dtype: torch.dtype) -> torch.Tensor:
+        out = self.inner.matmul(A, X, transpose=transpose, dtype=dtype)
+        left, right = (self.v, self.u) if transpose else (self.u, self.v)
+        X = X.to(out.dtype)
+        return out - left.to(out.dtype).unsqueeze(-1) * (right.to(out.dtype).unsqueeze(-2) @ X)
+
+
+def center_vectors(
+    passes: Any, operand: Any, B: int, m: int, n: int, center: str, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u [B, m], v [B, n])`` with ``A − u·vᵀ`` the centred ``A``, means from one thin pass.
+
+    ``"columns"``: each column's mean removed (``v = Aᵀ·1/m``, ``u = 1``), PCA with samples
+    as rows; ``"rows"``: each row's mean (``u = A·1/n``, ``v = 1``).
+    """
+    real = torch.float64 if dtype == torch.float64 else torch.float32
+    if center == "columns":
+        ones = torch.ones(B, m, 1, dtype=real, device=device)
+        v = passes.matmul(operand, ones, transpose=True, dtype=dtype)[..., 0] / m
+        return torch.ones(B, m, dtype=v.dtype, device=device), v
+    ones = torch.ones(B, n, 1, dtype=real, device=device)
+    u = passes.matmul(operand, ones, transpose=False, dtype=dtype)[..., 0] / n
+    return u, torch.ones(B, n, dtype=u.dtype, device=device)
+
+
+# --------------------------------------------------------------------------- driver
+
+
 def _exact_svd(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    U, S, Vh = torch.linalg.svd(A.float(), full_matrices=False)
+    real = torch.float64 if A.dtype == torch.float64 else torch.float32
+    U, S, Vh = torch.linalg.svd(A.to(real), full_matrices=False)
     return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
+
+
+def _householder(Y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis by Householder QR (the float64 path: torch.svd_lowrank's accuracy)."""
+    return torch.linalg.qr(Y).Q
+
+
+def check_finite(A: torch.Tensor, what: str = "A") -> None:
+    """Raise ``ValueError`` naming ``A`` (and the bad batch elements) if it has a NaN or Inf."""
+    if A.layout != torch.strided:
+        vals = A.values()
+        if not bool(torch.isfinite(vals).all()):
+            raise ValueError(f"{what}: expected finite entries, got NaN or Inf among the stored values of the sparse matrix")
+        return
+    A3 = A.reshape(-1, *A.shape[-2:])
+    bad = ~torch.isfinite(A3).all(dim=(-2, -1))
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten().tolist()
+        where = f" in batch element(s) {idx[:8]}{'...' if len(idx) > 8 else ''} (flattened)" if A.dim() > 2 else ""
+        raise ValueError(f"{what}: expected finite entries, got NaN or Inf{where}")
+
+
+def _spectrum_estimate(Y: torch.Tensor) -> torch.Tensor:
+    """``[B, l]`` descending singular values of ``Y`` (through its scaled float64 Gram)."""
+    c = unit_scale(Y)
+    Ys = (Y * c).double()
+    lam = torch.linalg.eigvalsh(torch.nan_to_num(Ys.mT @ Ys)).flip(-1).clamp_min(0).sqrt()
+    return lam / c.flatten(1).double()
+
+
+def _converged(prev: torch.Tensor, cur: torch.Tensor, rank: int, tol: float) -> bool:
+    """dashSVD's PVE-style stop: ``max_{i≤k} |σ_i(t)² − σ_i(t−1)²| ≤ tol·σ_{k+1}(t)²`` everywhere.
+
+    With no oversampling ``σ_{k+1}`` is not estimated and ``σ_k`` stands in for it.
+    """
+    ref = cur[..., min(rank, cur.shape[-1] - 1)]
+    change = (cur[..., :rank] ** 2 - prev[..., :rank] ** 2).abs().amax(-1)
+    return bool((change <= tol * ref**2).all())
 
 
 def rsvd(
@@ -168,71 +360,203 @@ def rsvd(
     seed: int = 0,
     sketch_dtype: torch.dtype | None = None,
     passes: Passes = TORCH_PASSES,
+    center: Optional[str] = None,
+    shift: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    method: str = "hmt",
+    tol: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Randomized SVD of ``A [..., m, n]`` (inputs already validated by the op).
 
+    ``A`` may be sparse (COO ``[m, n]``/``[B, m, n]``, CSR ``[m, n]``/``[B, m, n]``): then
+    :class:`SparsePasses` replaces ``passes``. ``center`` (``"columns"``/``"rows"``) or
+    ``shift = (u [..., m], v [..., n])`` factor ``A − u·vᵀ`` instead, implicitly.
+    ``method``: ``"hmt"`` (subspace iteration) or ``"krylov"`` (block Krylov, same
+    passes). ``tol``: stop the power iteration early (dashSVD's PVE criterion);
+    ``n_iter`` is then the maximum.
+
     Returns ``U [..., m, rank]``, ``S [..., rank]`` (descending), ``Vh [..., rank, n]``,
-    all float32. ``rank + oversample >= min(m, n)`` computes an exact SVD instead.
+    float64 for float64 ``A``, else float32. ``rank + oversample >= min(m, n)``
+    computes an exact SVD instead (dense ``A``; a sparse ``A`` gets a full-width sketch).
     """
     *batch, m, n = A.shape
-    width = rank + oversample
-    if width >= min(m, n):
-        return _exact_svd(A, rank)
-    if A.numel() == 0:  # empty batch
-        empty = A.new_empty
+    sparse = A.layout != torch.strided
+    real = torch.float64 if A.dtype == torch.float64 else torch.float32
+    B = math.prod(batch)
+    if B == 0:  # empty batch
         return (
-            empty(*batch, m, rank, dtype=torch.float32),
-            empty(*batch, rank, dtype=torch.float32),
-            empty(*batch, rank, n, dtype=torch.float32),
+            torch.empty(*batch, m, rank, dtype=real, device=A.device),
+            torch.empty(*batch, rank, dtype=real, device=A.device),
+            torch.empty(*batch, rank, n, dtype=real, device=A.device),
         )
-    dtype = working_dtype(A.dtype, A.device)
-    if sketch_dtype is None:
+    if shift is not None:
+        shift = (shift[0].expand(*batch, m).reshape(B, m), shift[1].expand(*batch, n).reshape(B, n))
+    krylov = method == "krylov"
+    width = rank + oversample
+    basis_cols = width * (n_iter + 1) if krylov else width
+    if not sparse and basis_cols >= min(m, n):
+        A3 = A.reshape(B, m, n)
+        check_finite(A3)
+        if center is not None:
+            A3 = A3 - (A3.mean(-2, keepdim=True) if center == "columns" else A3.mean(-1, keepdim=True))
+        elif shift is not None:
+            A3 = A3 - shift[0].unsqueeze(-1) * shift[1].unsqueeze(-2)
+        U, S, Vh = _exact_svd(A3, rank)
+        return U.reshape(*batch, m, rank), S.reshape(*batch, rank), Vh.reshape(*batch, rank, n)
+    # Sparse: a sketch as wide as the matrix spans its range exactly, so no dense fallback.
+    width = min(width, m, n)
+    if krylov:  # at most min(m, n) basis columns
+        n_iter = max(0, min(n_iter, min(m, n) // width - 1))
+    if sparse:
+        passes = SPARSE_PASSES
+    dtype = working_dtype(A.dtype, A.device, sparse)
+    if sparse or krylov or tol is not None:
+        # Every block of a Krylov basis enters the result, and an early stop may come
+        # after any pass: all passes read A in its working precision.
+        sketch_dtype = dtype
+    elif sketch_dtype is None:
         sketch_dtype = default_sketch_dtype(dtype, A.device)
     plan = plan_passes(dtype, n_iter, sketch_dtype, passes.exact_16bit_products)
 
-    A3 = A.reshape(-1, m, n)
+    A3 = A if sparse else A.reshape(B, m, n)
     # One operand per distinct dtype: prepare may copy all of A.
-    operands = {dtype: passes.prepare(A3, dtype) for dtype in {spec.dtype for spec in plan}}
+    operands = {d: passes.prepare(A3, d) for d in {spec.dtype for spec in plan}}
+    if center is not None:
+        shift = center_vectors(passes, operands[plan[-1].dtype], B, m, n, center, plan[-1].dtype, A.device)
+    if shift is not None:
+        passes = ShiftedPasses(passes, *shift)
 
-    def run(i: int, X: torch.Tensor) -> torch.Tensor:
-        spec = plan[i]
+    def run(spec: PassSpec, X: torch.Tensor) -> torch.Tensor:
         op = operands[spec.dtype]
         if spec.split:
+            w = X.shape[-1]
             out = passes.matmul(op, _split_halves(X, spec.dtype), transpose=spec.transpose, dtype=spec.dtype)
-            return out[..., :width] + out[..., width:]
+            return out[..., :w] + out[..., w:]
         return passes.matmul(op, X, transpose=spec.transpose, dtype=spec.dtype)
 
-    # Range finder: the sketch, then power passes A^T·Q and A·Z alternately. The
-    # bases between passes only steer the subspace, so one Cholesky QR pass with a
-    # float32 Gram is enough: the span is kept exactly even where the basis stays
-    # ill-conditioned. The exception is the basis of a 16-bit last range pass
-    # (backends with exact 16-bit products): rounding it to 16 bits keeps only the
-    # directions a well-conditioned basis carries, so its Gram is float64.
-    Y = passes.sketch(operands[plan[0].dtype], width, seed, plan[0].dtype)
-    for i in range(1, 2 * n_iter + 1):
-        exact_basis = i == 2 * n_iter and plan[i].dtype != torch.float32
-        Y = run(i, cholqr(Y, gram_dtype=torch.float64 if exact_basis else torch.float32))
-    Q = cholqr2(Y)
+    def orth_step(Y: torch.Tensor, spec: PassSpec) -> torch.Tensor:
+        # The bases between passes only steer the subspace, so one Cholesky QR pass
+        # with a float32 Gram is enough: the span is kept exactly even where the basis
+        # stays ill-conditioned. The exception is the basis of a 16-bit last range pass
+        # (backends with exact 16-bit products): rounding it to 16 bits keeps only the
+        # directions a well-conditioned basis carries, so its Gram is float64.
+        if real == torch.float64:
+            return _householder(Y)
+        exact_basis = spec is plan[2 * n_iter] and spec.dtype != torch.float32
+        return cholqr(Y, gram_dtype=torch.float64 if exact_basis else torch.float32)
 
-    # Projection Bᵀ = AᵀQ and the SVD of the small B through its l×l Gram B·Bᵀ
-    # (float64, so the spectrum is exact for the float32 Bᵀ we hold).
-    Bt = run(2 * n_iter + 1, Q)
-    Btd = Bt.double()
+    orth_final: Callable[[torch.Tensor], torch.Tensor] = _householder if real == torch.float64 else cholqr2
+
+    # Range finder: the sketch, then power passes AᵀQ and A·Z alternately.
+    Y = passes.sketch(operands[plan[0].dtype], width, seed, plan[0].dtype)
+    if krylov:
+        Q = _krylov_basis(Y, n_iter, plan, run, orth_step, orth_final)
+    else:
+        estimate = None
+        for it in range(n_iter):
+            Z = run(plan[2 * it + 1], orth_step(Y, plan[2 * it + 1]))
+            Y = run(plan[2 * it + 2], orth_step(Z, plan[2 * it + 2]))
+            if tol is not None and it < n_iter - 1:
+                # Y = A·Z with Z orthonormal: its singular values estimate A's.
+                previous, estimate = estimate, _spectrum_estimate(Y)
+                if previous is not None and _converged(previous, estimate, rank, tol):
+                    break
+        Q = orth_final(Y)
+
+    # Projection Bᵀ = AᵀQ, then the SVD of the small B.
+    Bt = run(plan[-1], Q)
+    if not bool(torch.isfinite(Bt).all()):
+        # One host synchronisation (eigh has one anyway). A non-finite A is the
+        # caller's error; products that overflowed a finite A are redone scaled.
+        check_finite(A)
+        return _rescaled(A, rank, oversample=oversample, n_iter=n_iter, seed=seed, sketch_dtype=sketch_dtype,
+                         passes=passes if not isinstance(passes, ShiftedPasses) else passes.inner,
+                         center=center, shift=shift, method=method, tol=tol, batch=batch)
+    if real == torch.float64:
+        Ub, Sb, Vbh = torch.linalg.svd(Bt, full_matrices=False)
+        U = Q @ Vbh.mT[..., :rank]
+        S = Sb[..., :rank]
+        V = Ub[..., :rank]
+    else:
+        U, S, V = _small_svd_by_gram(Q, Bt, rank)
+    return (
+        U.reshape(*batch, m, rank),
+        S.reshape(*batch, rank),
+        V.mT.reshape(*batch, rank, n),
+    )
+
+
+def _small_svd_by_gram(Q: torch.Tensor, Bt: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U, S, V`` float32 of ``Q·Bᵀᵀ`` from the eigendecomposition of the ``l×l`` Gram of ``Bᵀ``.
+
+    The Gram is of ``Bᵀ`` scaled by a power of two (exact) and in float64, so the
+    spectrum is exact for the float32 ``Bᵀ`` we hold whatever its magnitude.
+    """
+    c = unit_scale(Bt)  # [B, 1, 1]
+    Bs = Bt * c
+    Btd = Bs.double()
     # torch.linalg.eigh has no _ex variant: on CUDA its error check is the one host
     # synchronisation left per call (Cholesky uses cholesky_ex). A batched Jacobi
     # kernel for these l×l matrices would remove it.
     lam, W = torch.linalg.eigh(Btd.mT @ Btd)  # ascending
     W = W.flip(-1)[..., :rank]
-    S = lam.flip(-1)[..., :rank].clamp_min(0).sqrt()
+    Ss = lam.flip(-1)[..., :rank].clamp_min(0).sqrt()
     U = Q @ W.float()
     # V = Bᵀ·W·Σ⁻¹ in float32 is orthonormal only to u·σ₁/σ_k; one float32 Cholesky
     # QR pass on this nearly orthonormal matrix restores it (cheaper on the CPU than
     # the product in float64). Exactly zero σ (rank-deficient A) would divide by
     # zero: those columns are left zero.
-    inv = torch.where(S > 0, S.reciprocal(), torch.zeros_like(S))
-    V = cholqr(Bt @ (W * inv.unsqueeze(-2)).float(), gram_dtype=torch.float32)
-    return (
-        U.reshape(*batch, m, rank),
-        S.float().reshape(*batch, rank),
-        V.mT.reshape(*batch, rank, n),
-    )
+    inv = torch.where(Ss > 0, Ss.reciprocal(), torch.zeros_like(Ss))
+    V = cholqr(Bs @ (W * inv.unsqueeze(-2)).float(), gram_dtype=torch.float32)
+    S = (Ss / c.flatten(1).double()).float()
+    return U, S, V
+
+
+def _krylov_basis(
+    Y: torch.Tensor,
+    n_iter: int,
+    plan: list[PassSpec],
+    run: Callable[[PassSpec, torch.Tensor], torch.Tensor],
+    orth_step: Callable[[torch.Tensor, PassSpec], torch.Tensor],
+    orth_final: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``[B, m, (n_iter+1)·l]`` orthonormal basis of the block Krylov space of ``Y = A·Ω``.
+
+    Musco & Musco (2015), Alg. 2: ``K = [AΩ, (AAᵀ)AΩ, …, (AAᵀ)^q AΩ]``. Each new block
+    is orthogonalised against the earlier ones (block Gram–Schmidt, twice: once loses
+    orthogonality when the blocks are nearly parallel, which they become as the
+    iteration converges) before it is orthonormalised, so the blocks together are
+    an orthonormal basis of ``K``; the span is that of ``K`` (block Lanczos).
+    """
+    blocks = [orth_final(Y)]
+    for it in range(n_iter):
+        Z = run(plan[2 * it + 1], blocks[-1])
+        Y = run(plan[2 * it + 2], orth_step(Z, plan[2 * it + 1]))
+        K = torch.cat(blocks, dim=-1)
+        for _ in range(2):
+            Y = Y - K @ (K.mT @ Y)
+            Y = orth_final(Y)
+        blocks.append(Y)
+    return torch.cat(blocks, dim=-1)
+
+
+def _rescaled(A: torch.Tensor, rank: int, *, batch: list[int], **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rerun on ``A·2^-e`` (``max |A|·2^-e`` in [0.5, 1)): products of a finite ``A`` overflowed.
+
+    Only reached for entries near the dtype's maximum; the copy of ``A`` is the price.
+    """
+    if A.layout != torch.strided:
+        amax = A.values().abs().amax().reshape(1, 1, 1)
+        c = unit_scale(amax)
+        As = A * c.flatten()[0]
+        c = c.expand(max(math.prod(batch), 1), 1, 1)
+    else:
+        A3 = A.reshape(-1, *A.shape[-2:])
+        c = unit_scale(A3.float() if A3.dtype.itemsize == 2 else A3)
+        As = (A3 * c.to(A3.dtype)).reshape(A.shape)
+    shift = kwargs.pop("shift")
+    if kwargs["center"] is not None:
+        shift = None  # recomputed from the scaled A
+    elif shift is not None:
+        shift = (shift[0] * c.flatten(1).to(shift[0].dtype), shift[1])
+    U, S, Vh = rsvd(As, rank, shift=shift, **kwargs)
+    return U, (S.double() / c.flatten(1).double().reshape(*batch, 1)).to(S.dtype), Vh

@@ -194,14 +194,14 @@ def test_test_matrix_is_independent_per_batch_element():
         (lambda: svdkernels.rsvd(torch.randn(10, 8), 9), ValueError, ["rank", "min(m, n) = 8", "got 9"]),
         (lambda: svdkernels.rsvd(torch.randn(10), 1), ValueError, ["A", "[..., m, n]", "(10,)"]),
         (lambda: svdkernels.rsvd(torch.ones(10, 8, dtype=torch.int32), 2), TypeError, ["A", "float32", "torch.int32"]),
-        (lambda: svdkernels.rsvd(torch.randn(10, 8, dtype=torch.float64), 2), TypeError, ["A", "torch.float64"]),
+        (lambda: svdkernels.rsvd(torch.randn(10, 8, dtype=torch.complex64), 2), TypeError, ["A", "float64", "torch.complex64"]),
         (lambda: svdkernels.rsvd([[1.0]], 1), TypeError, ["A", "torch.Tensor", "list"]),
         (lambda: svdkernels.rsvd(torch.randn(10, 8), 2.0), TypeError, ["rank", "int", "float"]),
         (lambda: svdkernels.rsvd(torch.randn(10, 8), 2, oversample=-1), ValueError, ["oversample", "-1"]),
         (lambda: svdkernels.rsvd(torch.randn(10, 8), 2, n_iter=-2), ValueError, ["n_iter", "-2"]),
         (lambda: svdkernels.rsvd(torch.randn(10, 8), 2, sketch_dtype=torch.int8), TypeError, ["sketch_dtype", "torch.int8"]),
     ],
-    ids=["rank0", "rank-too-big", "1d", "int", "float64", "list", "float-rank", "oversample", "n_iter", "sketch_dtype"],
+    ids=["rank0", "rank-too-big", "1d", "int", "complex", "list", "float-rank", "oversample", "n_iter", "sketch_dtype"],
 )
 def test_bad_input_names_the_argument(call, exc, words):
     assert_raises_naming(call, exc, words)
@@ -231,3 +231,75 @@ def test_reference_backend_override_gives_same_result():
         a = svdkernels.rsvd(A, 3, seed=1)
     b = svdkernels.rsvd(A, 3, seed=1)
     assert torch.equal(a[1], b[1])
+
+
+# --------------------------------------------------------------------------- scale, finiteness, seed
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-25, 1e18], ids=lambda c: f"x{c:g}")
+def test_scale_invariance(scale):
+    # The algorithm is scale-invariant; the Grams are scaled by powers of two so the
+    # implementation is too. float32 relative tolerance: rounding of A·c and of S.
+    M = spectral_matrix("poly", 200, 150, batch=(2,), seed=5)
+    A = M.A.float()
+    U1, S1, Vh1 = svdkernels.rsvd(A, 4, seed=0)
+    Uc, Sc, Vhc = svdkernels.rsvd(A * scale, 4, seed=0)
+    assert torch.isfinite(Sc).all() and (Sc > 0).all()
+    torch.testing.assert_close(Sc.double() / scale, S1.double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(Sc.double() / scale, M.S[..., :4], rtol=1e-4, atol=0)
+    # Same subspace: the projectors agree.
+    torch.testing.assert_close(Uc @ Uc.mT, U1 @ U1.mT, atol=1e-4, rtol=0)
+
+
+def test_huge_entries_whose_products_overflow_are_rescaled():
+    # sigma_1 = 2.5e38 is representable in float32, but A·Ω (Gaussian Ω) is not:
+    # the driver must redo the products on a scaled copy, not return inf/NaN.
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(60, 40, generator=g)
+    A[0] = 40 * torch.sign(torch.randn(40, generator=g))  # ||row 0|| ≈ 253, the rest ≈ 6
+    big = 2.0**120  # 1.33e36
+    _, S_ref, _ = svdkernels.rsvd(A, 3, oversample=5, seed=0)
+    huge = A * big
+    assert torch.isfinite(huge).all() and S_ref[0] * big < torch.finfo(torch.float32).max
+    g.manual_seed(1)
+    assert not torch.isfinite(huge @ torch.randn(40, 8, generator=g)).all()  # the premise
+    U, S, Vh = svdkernels.rsvd(huge, 3, oversample=5, seed=0)
+    # Power-of-two scalings are exact: the same result as the unscaled matrix.
+    torch.testing.assert_close(S.double() / big, S_ref.double(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_non_finite_input_names_A(bad, dtype):
+    A = torch.randn(3, 60, 40, dtype=dtype)
+    A[1, 5, 7] = bad
+    assert_raises_naming(lambda: svdkernels.rsvd(A, 4, seed=0), ValueError, ["A", "finite", "[1]"])
+    # The exact path (sketch covers the matrix) too.
+    assert_raises_naming(lambda: svdkernels.rsvd(A, 4, oversample=40, seed=0), ValueError, ["A", "finite"])
+
+
+def test_non_finite_sparse_input_names_A():
+    A = torch.randn(60, 40).relu().to_sparse()
+    A.values()[0] = float("nan")
+    assert_raises_naming(lambda: svdkernels.rsvd(A, 4, seed=0), ValueError, ["A", "finite"])
+
+
+@pytest.mark.parametrize(
+    "call,exc,words",
+    [
+        (lambda: svdkernels.rsvd(torch.randn(10, 8), 2, seed=2**70), ValueError, ["seed", "int64", str(2**70)]),
+        (lambda: svdkernels.rsvd(torch.randn(10, 8), 2, seed=-(2**64)), ValueError, ["seed", "int64"]),
+        (lambda: svdkernels.rsvd(torch.randn(10, 8), 2, seed=1.5), TypeError, ["seed", "int", "float"]),
+        (lambda: svdkernels.rsvd(torch.randn(10, 8), 2, method="lanczos"), ValueError, ["method", "krylov", "lanczos"]),
+        (lambda: svdkernels.rsvd(torch.randn(10, 8), 2, tol=0.0), ValueError, ["tol", "> 0", "0.0"]),
+        (lambda: svdkernels.rsvd(torch.randn(10, 8), 2, tol=float("nan")), ValueError, ["tol", "nan"]),
+        (lambda: svdkernels.rsvd(torch.randn(10, 8), 2, tol=1e-2, method="krylov"), ValueError, ["tol", "hmt", "krylov"]),
+        (lambda: svdkernels.rsvd(torch.randn(10, 8), 2, center="mean"), ValueError, ["center", "columns", "'mean'"]),
+        (lambda: svdkernels.rsvd(torch.randn(10, 8).to_sparse_csc(), 2), TypeError, ["A", "sparse_csr", "torch.sparse_csc"]),
+        (lambda: svdkernels.rsvd(torch.randn(2, 2, 10, 8).to_sparse(), 2), ValueError, ["A", "[B, m, n]", "(2, 2, 10, 8)"]),
+        (lambda: svdkernels.rsvd(torch.randn(10, 8).to_sparse(), 9), ValueError, ["rank", "min(m, n) = 8", "got 9"]),
+    ],
+    ids=["seed-2**70", "seed-neg", "seed-float", "method", "tol0", "tol-nan", "tol-krylov", "center", "csc", "sparse-4d", "sparse-rank"],
+)
+def test_new_arguments_bad_input_names_the_argument(call, exc, words):
+    assert_raises_naming(call, exc, words)
