@@ -88,26 +88,38 @@ def dequantize_basis(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 # Stochastic rounding to bfloat16 (deterministic: a hash of (seed, index))
 
 
+def _mulmod32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x·c mod 2³²`` for int64 ``x`` in [0, 2³²) without int64 overflow (16-bit halves)."""
+    lo = (x & 0xFFFF) * c
+    hi = (((x >> 16) * c) & 0xFFFF) << 16
+    return (lo + hi) & 0xFFFFFFFF
+
+
 def _hash32(x: torch.Tensor) -> torch.Tensor:
     """The "lowbias32" integer hash (C. Wellons) of int64 values in [0, 2³²), int64 out.
 
-    Written so that the Triton kernel's uint32 arithmetic gives the same bits.
+    The Triton kernel computes the same bits with wrapping uint32 arithmetic.
     """
-    mask = 0xFFFFFFFF
     x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & mask
+    x = _mulmod32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & mask
+    x = _mulmod32(x, 0x846CA68B)
     return x ^ (x >> 16)
 
 
+def sr_key(seed: int) -> int:
+    """The 31-bit key of a stochastic-rounding seed (see :func:`random_bits16`)."""
+    return int(_hash32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64))) & 0x7FFFFFFF
+
+
 def random_bits16(seed: int, numel: int, device: torch.device) -> torch.Tensor:
-    """16 random bits per element index ``i`` (int64 ``[numel]``): ``hash32(i ⊕ hash32(seed)) & 0xFFFF``.
+    """16 random bits per element index ``i`` (int64 ``[numel]``): ``hash32(i ⊕ key) & 0xFFFF``
+    with ``key = hash32(seed mod 2³²) mod 2³¹`` (31 bits: it travels to the kernel as an i32).
 
     A pure function of ``(seed, i)``, so every backend, every run and a resumed run
     round the same element the same way.
     """
-    key = int(_hash32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64)))
+    key = sr_key(seed)
     idx = torch.arange(numel, device=device, dtype=torch.int64) & 0xFFFFFFFF
     return _hash32(idx ^ key) & 0xFFFF
 
