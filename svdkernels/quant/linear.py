@@ -34,6 +34,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from svdkernels.errors import strict_kwargs
 from svdkernels.ops.lowrank_quant import (
     RANK_MULTIPLE,
     lowrank_quantize_act,
@@ -94,6 +95,13 @@ def check_rank(rank: object, N: Optional[int] = None, K: Optional[int] = None, w
             f"(weight [{N}, {K}]), got {rank}"
         )
     return rank
+
+
+def _check_seed(seed: object) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**62:  # decompose adds the refinement index to it
+        raise ValueError(f"seed: expected an int in [0, 2**62), got {seed}")
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -219,6 +227,7 @@ class LowRankQuantLinear(nn.Module):
     smooth: torch.Tensor
     bias: Optional[torch.Tensor]
 
+    @strict_kwargs
     def __init__(
         self,
         qweight: torch.Tensor,
@@ -260,6 +269,11 @@ class LowRankQuantLinear(nn.Module):
             raise ValueError("smooth: expected positive finite smoothing factors, got a value <= 0, NaN or inf")
         if unsigned and bias is None:
             raise ValueError("bias: expected the compensated bias (never None) with unsigned=True, got None")
+        for name, t in (("scales", scales), ("L_down", L_down), ("L_up", L_up), ("bias", bias)):
+            if t is not None:
+                _check_finite(name, t)
+        if not bool((scales >= 0).all()):
+            raise ValueError("scales: expected non-negative int4 group scales, got a negative value")
         self.in_features, self.out_features = K, qweight.shape[0]
         self.acts, self.unsigned = acts, unsigned
         self.register_buffer("qweight", qweight)
@@ -280,6 +294,7 @@ class LowRankQuantLinear(nn.Module):
         return self.scales.dtype
 
     @classmethod
+    @strict_kwargs
     def from_float(
         cls,
         weight: torch.Tensor,
@@ -328,6 +343,13 @@ class LowRankQuantLinear(nn.Module):
         if tuple(smooth.shape) != (K,):
             raise ValueError(f"smooth: expected shape [K] = [{K}], got {list(smooth.shape)}")
         smooth = smooth.float()
+        _check_finite("smooth", smooth)
+        if not bool((smooth > 0).all()):
+            raise ValueError(f"smooth: expected positive smoothing factors (x is divided by them), got minimum "
+                             f"{float(smooth.min()):g}")
+        if bias is not None:
+            _check_finite("bias", bias)
+        _check_seed(seed)
         d = decompose(
             weight, smooth[None], rank=rank, refine_iters=refine_iters,
             smoothed_residual=acts is not None, dtype=dtype, seed=seed,
@@ -336,6 +358,7 @@ class LowRankQuantLinear(nn.Module):
                               unsigned=unsigned)
 
     @classmethod
+    @strict_kwargs
     def from_parts(
         cls,
         qweight: torch.Tensor,
@@ -395,8 +418,10 @@ class LowRankQuantLinear(nn.Module):
         r2 = A.shape[0]
         if tuple(B.shape) != (self.out_features, r2):
             raise ValueError(f"B: expected shape [N, r2] = [{self.out_features}, {r2}], got {list(B.shape)}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale: expected a finite float, got {scale!r}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale: expected a finite float, got {scale!r}")
         _check_finite("A", A)
         _check_finite("B", B)
         pad = -r2 % RANK_MULTIPLE

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from svdkernels.errors import strict_kwargs
 from svdkernels.calibration import DEFAULT_MAX_ROWS, InputStats, collect_input_stats
 from svdkernels.quant.evaluate import sqnr_db
 from svdkernels.quant.linear import (
@@ -145,6 +146,15 @@ class QuantConfig:
         d = json.loads(text)
         d["layers"] = {k: LayerChoice(**v) for k, v in d.get("layers", {}).items()}
         return cls(**d)
+
+
+def _replace(model: nn.Module, name: str, layer: nn.Module) -> nn.Module:
+    """Put ``layer`` at ``name`` and return the root: ``name == ""`` is ``model``
+    itself (a bare ``nn.Linear`` was passed), whose replacement is returned."""
+    if name == "":
+        return layer
+    model.set_submodule(name, layer)
+    return model
 
 
 def _record(model: nn.Module, config: QuantConfig) -> None:
@@ -372,6 +382,7 @@ def _search(
 # Public entry points
 
 
+@strict_kwargs
 def quantize_model(
     model: nn.Module,
     calib_batches: Iterable[Any],
@@ -413,19 +424,23 @@ def quantize_model(
         seed: seed of the row sampling and the randomized SVDs.
 
     Returns:
-        ``model``, with ``model.svdkernels_quant_config`` (:class:`QuantConfig`).
+        ``model``, with ``model.svdkernels_quant_config`` (:class:`QuantConfig`);
+        for a bare ``nn.Linear``, the :class:`LowRankQuantLinear` that replaces it.
 
     Raises:
-        TypeError/ValueError naming the argument: unknown ``weights``/``acts``,
+        TypeError/ValueError naming the argument: an unknown keyword (naming the
+        nearest), unknown ``weights``/``acts``,
         ``rank`` not a multiple of 16 or too large for a targeted layer, a targeted
         layer with ``in_features`` not a multiple of 64, ``targets`` matching
-        nothing, non-finite weights, empty ``calib_batches``, a bad grid.
+        nothing, non-finite weights, empty ``calib_batches`` or ones giving a layer
+        non-finite inputs (``calib_batches`` is blamed, not the weight), a bad grid.
     """
     _check_common(model, weights, acts, dtype)
     check_rank(rank)
     if alphas is not None:
         alphas = list(alphas)
-        if not alphas or not all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in alphas):
+        if not alphas or not all(not isinstance(a, bool) and isinstance(a, (int, float)) and 0 <= a <= 1
+                                 for a in alphas):
             raise ValueError(f"alphas: expected None or a non-empty sequence of numbers in [0, 1], got {alphas!r}")
     if act_stat not in ("rms", "absmax"):
         raise ValueError(f"act_stat: expected 'rms' or 'absmax', got {act_stat!r}")
@@ -435,8 +450,19 @@ def quantize_model(
         raise TypeError(f"unsigned: expected None (automatic), True or False, got {unsigned!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**62:
+        raise ValueError(f"seed: expected an int in [0, 2**62), got {seed}")
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(f"max_rows: expected an int >= 1, got {max_rows!r}")
     usable, skipped = _usable_layers(model, targets, rank)
     stats = collect_input_stats(model, usable, calib_batches, max_rows=max_rows, seed=seed)
+    for name in usable:
+        st = stats.get(name)
+        if st is not None and not all(bool(torch.isfinite(t).all()) for t in (st.channel_max, st.channel_min,
+                                                                                 st.channel_sumsq)):
+            raise ValueError(f"calib_batches: expected finite activations, but layer {name!r} received NaN or inf "
+                             "inputs during calibration (from the batches or the layers before it; its weight "
+                             "is finite)")
     for name in [n for n in usable if n not in stats]:
         if targets is not None:
             raise ValueError(f"targets: layer {name!r} was never called on calib_batches; expected it to be")
@@ -452,11 +478,12 @@ def quantize_model(
             layer, st, rank=rank, acts=acts, unsigned=uns, alphas=alphas, act_stat=act_stat, refine_iters=refine_iters,
             dtype=dtype or layer.weight.dtype, seed=seed,
         )
-        model.set_submodule(name, qlayer)
+        model = _replace(model, name, qlayer)
     _record(model, config)
     return model
 
 
+@strict_kwargs
 def quantize_model_rtn(
     model: nn.Module,
     *,
@@ -481,7 +508,7 @@ def quantize_model_rtn(
             rank=0, refine_iters=0, acts=acts, unsigned=False, dtype=dtype,
         )
         config.layers[name] = LayerChoice(rank=0, acts=acts, unsigned=False)
-        model.set_submodule(name, qlayer)
+        model = _replace(model, name, qlayer)
     _record(model, config)
     return model
 
