@@ -27,6 +27,7 @@ from svdkernels.reference.lowrank_adam_step import (  # noqa: F401  (re-exported
     quantize_basis,
     stochastic_round,
 )
+from svdkernels.reference.lowrank_adam_step import random_uniform as sr_uniform  # noqa: F401
 
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SIDES = ("right", "left")

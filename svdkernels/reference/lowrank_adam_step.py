@@ -124,6 +124,13 @@ def random_bits16(seed: int, numel: int, device: torch.device) -> torch.Tensor:
     return _hash32(idx ^ key) & 0xFFFF
 
 
+def random_uniform(seed: int, numel: int, device: torch.device) -> torch.Tensor:
+    """Uniform float32 ``[numel]`` in [0, 1) with 24 random bits each, from the same hash
+    of ``(seed, index)`` (deterministic; for stochastic rounding to integer grids)."""
+    idx = torch.arange(numel, device=device, dtype=torch.int64) & 0xFFFFFFFF
+    return (_hash32(idx ^ sr_key(seed)) >> 8).float() * 2.0**-24
+
+
 def stochastic_round(x: torch.Tensor, seed: int) -> torch.Tensor:
     """float32 ``x`` rounded to bfloat16 stochastically: up with probability equal to the
     distance from the value below, in units of the bfloat16 spacing (unbiased).

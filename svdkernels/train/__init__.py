@@ -4,11 +4,14 @@
   projectors, moments kept/rotated/reset, adaptive gap, int4 basis, staggered and
   batched refresh) and the presets :class:`GaLoreAdamW`, :class:`QGaLoreAdamW`,
   :class:`DCTAdamW`; :func:`lowrank_param_groups` builds their param groups.
-- :func:`layerwise`: each parameter's step inside backward, gradients freed at once.
+- :func:`layerwise`: each parameter's step inside backward, its gradient freed at once,
+  with gradient accumulation.
 - :class:`Int8Linear`: Q-GaLore's INT8 weights, updated with stochastic rounding.
 
 Built only from svdkernels ops and torch.
 """
+from svdkernels.train.int8 import Int8Linear, dequantize_int8, quantize_int8
+from svdkernels.train.layerwise import LayerwiseHandle, layerwise
 from svdkernels.train.optim import (
     DCTAdamW,
     GaLoreAdamW,
@@ -20,7 +23,12 @@ from svdkernels.train.optim import (
 __all__ = [
     "DCTAdamW",
     "GaLoreAdamW",
+    "Int8Linear",
+    "LayerwiseHandle",
     "LowRankAdamW",
     "QGaLoreAdamW",
+    "dequantize_int8",
+    "layerwise",
     "lowrank_param_groups",
+    "quantize_int8",
 ]

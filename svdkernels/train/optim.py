@@ -38,6 +38,7 @@ from svdkernels.ops.lowrank_adam_step import (
     stochastic_round,
 )
 from svdkernels.train import projectors as proj
+from svdkernels.train.int8 import Int8Linear, dequantize_int8, is_int8_weight, quantize_int8
 
 MOMENTS = ("keep", "rotate", "reset")
 SIDES = (None, "right", "left")
@@ -224,8 +225,9 @@ class LowRankAdamW(torch.optim.Optimizer):
         if p.dim() != 2:
             raise ValueError(f"parameter {name}: a low-rank group (rank set) expects 2-D weights [m, n], "
                              f"got shape {list(p.shape)}")
-        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"parameter {name}: expected dtype float32, bfloat16 or float16, got {p.dtype}")
+        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16) and not is_int8_weight(p):
+            raise TypeError(f"parameter {name}: expected dtype float32, bfloat16 or float16 (or an "
+                            f"Int8Linear's qweight), got {p.dtype}")
         if group["rank"] > min(p.shape):
             raise ValueError(f"parameter {name}: expected rank <= min(m, n) = {min(p.shape)} for shape "
                              f"{list(p.shape)}, got rank {group['rank']}")
@@ -257,11 +259,24 @@ class LowRankAdamW(torch.optim.Optimizer):
         out = []
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    if p.grad.is_sparse:
+                g = self._grad_of(p)
+                if g is not None:
+                    if g.is_sparse:
                         raise ValueError(f"parameter {self._name(group, gi, pi, p)}: sparse gradients are not supported")
-                    out.append((group, gi, pi, p, p.grad))
+                    out.append((group, gi, pi, p, g))
         return out
+
+    @staticmethod
+    def _grad_of(p: torch.Tensor) -> Optional[torch.Tensor]:
+        """``p.grad``, or the float gradient an :class:`Int8Linear` keeps beside its int8 weight."""
+        return getattr(p, "float_grad", None) if is_int8_weight(p) else p.grad
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if is_int8_weight(p):
+                    p.float_grad = None
 
     def _nonfinite(self, items: list) -> Optional[str]:
         """The name of the first parameter with a non-finite gradient, or None. One host
@@ -303,9 +318,10 @@ class LowRankAdamW(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             for pi, q in enumerate(group["params"]):
                 if q is p:
-                    if p.grad is None:
+                    g = self._grad_of(p)
+                    if g is None:
                         return
-                    item = (group, gi, pi, p, p.grad)
+                    item = (group, gi, pi, p, g)
                     bad = self._nonfinite([item])
                     if bad is not None:
                         if self.skip_nonfinite:
@@ -315,7 +331,7 @@ class LowRankAdamW(torch.optim.Optimizer):
                     with torch.no_grad():
                         if group["lowrank"]:
                             self._refresh([item])
-                        self._update(group, p, p.grad)
+                        self._update(group, p, g)
                     return
         raise ValueError("p: expected a parameter of this optimizer, got one it does not hold")
 
@@ -338,10 +354,24 @@ class LowRankAdamW(torch.optim.Optimizer):
         t = state["step"]
         step_size = bias_corrected_step_size(group["lr"], beta1, beta2, t)
         decay = group["lr"] * group["weight_decay"]
-        sr = self._sr_seed(p, t)
+        if is_int8_weight(p):
+            # Q-GaLore: step a transient float32 copy, write it back to INT8 stochastically.
+            w = dequantize_int8(p, p.int8_scales)
+            self._step_tensor(group, p, w, g.float(), step_size, decay, None)
+            q, scales = quantize_int8(w, sr_seed=_mix(self.seed, 4, self._index[p], t))
+            p.copy_(q)
+            p.int8_scales.copy_(scales)
+            return
+        self._step_tensor(group, p, p, g.to(p.dtype), step_size, decay, self._sr_seed(p, t))
+
+    def _step_tensor(self, group: dict[str, Any], p: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
+                     step_size: float, decay: float, sr: Optional[int]) -> None:
+        """The AdamW step of parameter ``p``'s state applied to the weight tensor ``w``."""
+        state = self.state[p]
+        beta1, beta2 = group["betas"]
         if group["lowrank"]:
             P, P_scale, P_zero = self._basis(group, p)
-            lowrank_adam_step(p, g.to(p.dtype), P, state["exp_avg"], state["exp_avg_sq"],
+            lowrank_adam_step(w, g, P, state["exp_avg"], state["exp_avg_sq"],
                               step_size=step_size * group["scale"], side="right" if self.side_of(group, p) else "left",
                               betas=(beta1, beta2), eps=group["eps"], decay=decay, P_scale=P_scale, P_zero=P_zero,
                               sr_seed=sr)
@@ -350,10 +380,10 @@ class LowRankAdamW(torch.optim.Optimizer):
         gf = g.float()
         m.mul_(beta1).add_(gf, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(gf, gf, value=1.0 - beta2)
-        w = p.float() - step_size * (m / (v.sqrt() + group["eps"]))
+        new = w.float() - step_size * (m / (v.sqrt() + group["eps"]))
         if decay != 0.0:
-            w = w - decay * w
-        p.copy_(stochastic_round(w, sr) if sr is not None else w.to(p.dtype))
+            new = new - decay * new
+        w.copy_(stochastic_round(new, sr) if sr is not None else new.to(w.dtype))
 
     # ------------------------------------------------------------------ bases
 
@@ -606,12 +636,14 @@ def lowrank_param_groups(model: nn.Module, targets: Targets = None, *, rank: int
     for mname, module in model.named_modules():
         if isinstance(module, nn.Linear) and _matches(mname, targets) and module.weight.requires_grad:
             chosen[id(module.weight)] = f"{mname}.weight"
+        elif isinstance(module, Int8Linear) and _matches(mname, targets):
+            chosen[id(module.qweight)] = f"{mname}.qweight"
     if not chosen:
         raise ValueError(f"targets: expected names matching nn.Linear layers of the model, got {targets!r} "
                          f"which matches none")
     low, low_names, rest, rest_names = [], [], [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and id(p) not in chosen:
             continue
         if id(p) in chosen:
             low.append(p)
