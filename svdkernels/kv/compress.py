@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from svdkernels.errors import strict_kwargs
 from svdkernels.ops.rsvd import rsvd
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -130,6 +131,16 @@ def _check_layers(name: str, xs: Sequence[torch.Tensor]) -> None:
         if x.shape[:2] != ref.shape[:2] or x.dtype != ref.dtype or x.device != ref.device:
             raise ValueError(f"{name}[{i}]: expected [B, T] = {list(ref.shape[:2])}, dtype {ref.dtype} and device "
                              f"{ref.device} (those of {name}[0]), got {list(x.shape[:2])}, {x.dtype}, {x.device}")
+        if min(x.shape) < 1:
+            raise ValueError(f"{name}[{i}]: expected [B, T, Hkv*d] with every dim >= 1, got {tuple(x.shape)}")
+    for i, x in enumerate(xs):
+        if x.device.type == "meta":
+            raise ValueError(f"{name}[{i}]: expected a tensor with data (the ranks depend on the values), "
+                             "got a meta tensor")
+        # One read-only pass; the SVD of a NaN would fail the whole batch with "failed to converge".
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name}[{i}]: expected finite values, got NaN or inf (at "
+                             f"{tuple(torch.nonzero(~torch.isfinite(x))[0].tolist())})")
 
 
 def _check_rank(name: str, value: Optional[int]) -> None:
@@ -148,6 +159,7 @@ def check_settings(group_size: int, rank_k: Optional[int], rank_v: Optional[int]
         raise ValueError(f"energy: expected None or a number in (0, 1], got {energy!r}")
 
 
+@strict_kwargs
 def xkv_compress(
     keys: Sequence[torch.Tensor],
     values: Sequence[torch.Tensor],
@@ -164,7 +176,8 @@ def xkv_compress(
 
     Args:
         keys: one ``[B, T, Hkv*d]`` tensor per layer: pre-RoPE keys (``k_proj``'s
-            output), float32/bfloat16/float16.
+            output), float32/bfloat16/float16, finite (a NaN or inf is a
+            ``ValueError`` naming the layer's entry, e.g. ``keys[3]``).
         values: likewise, the values.
         group_size: ``G``, adjacent layers sharing a latent (the last group may be
             smaller); 1 is per-layer SVD.
@@ -192,6 +205,11 @@ def xkv_compress(
         raise ValueError(f"values: expected {len(keys)} layers of [B, T] = {list(keys[0].shape[:2])} (those of keys), "
                          f"got {len(values)} layers of {list(values[0].shape[:2])}")
     check_settings(group_size, rank_k, rank_v, energy)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62:
+        raise ValueError(f"seed: expected an int in [0, 2**62), got {seed!r}")
+    for name, v in (("oversample", oversample), ("n_iter", n_iter)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
     groups = []
     for g, start in enumerate(range(0, len(keys), group_size)):
         layers = tuple(range(start, min(start + group_size, len(keys))))

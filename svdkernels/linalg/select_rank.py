@@ -47,7 +47,9 @@ def select_rank(
     """Rank to keep for each spectrum in a batch.
 
     Args:
-        S: ``[..., p]`` non-negative singular values, descending.
+        S: ``[..., p]`` finite, non-negative singular values in descending order
+            (``ValueError`` naming ``S`` otherwise: a rank from a NaN or unsorted
+            spectrum would be meaningless).
         energy: keep the fewest components whose squared singular values sum to at
             least this fraction (in (0, 1]) of the total.
         elbow: keep the components up to the elbow of the spectrum (the point
@@ -65,12 +67,23 @@ def select_rank(
         raise TypeError(f"S: expected a floating-point tensor [..., p], got {got}")
     if S.dim() < 1 or S.shape[-1] == 0:
         raise ValueError(f"S: expected shape [..., p] with p >= 1, got {tuple(S.shape)}")
-    if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
+    if energy is not None and not (not isinstance(energy, bool) and isinstance(energy, (int, float))
+                                   and 0 < energy <= 1):
         raise ValueError(f"energy: expected a number in (0, 1], got {energy!r}")
+    if not isinstance(elbow, bool):
+        raise TypeError(f"elbow: expected a bool, got {type(elbow).__name__}")
     if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
         raise ValueError(f"max_rank: expected an int >= 1, got {max_rank!r}")
+    if S.device.type == "meta":
+        raise ValueError("S: expected a tensor with values (a rank depends on them), got a meta tensor")
+    if not bool(torch.isfinite(S).all()):
+        raise ValueError(f"S: expected finite singular values, got {int((~torch.isfinite(S)).sum())} NaN or inf "
+                         f"entries in shape {tuple(S.shape)}")
     if bool((S < 0).any()):
-        raise ValueError("S: expected non-negative singular values, got a negative entry")
+        raise ValueError(f"S: expected non-negative singular values, got a negative entry (min {float(S.min()):g})")
+    if S.shape[-1] > 1 and bool((S[..., 1:] > S[..., :-1]).any()):
+        raise ValueError("S: expected singular values in descending order along the last dim, got an entry larger "
+                         "than the one before it (ascending or unsorted)")
     p = S.shape[-1]
     rank = torch.zeros(S.shape[:-1], dtype=torch.int64, device=S.device)
     if energy is not None:
