@@ -2,11 +2,14 @@
 
 - :func:`select_rank` (``select_rank.py``): rank from a batch of spectra (energy, elbow);
 - :func:`kpsvd` (``kpsvd.py``): the Van Loan–Pitsianis nearest sum of Kronecker
-  products, with :func:`kron_sum` and :func:`rearrange`.
+  products, with :func:`kron_sum` and :func:`rearrange`;
+- :func:`svd_lowrank`, :func:`pca_lowrank` (``lowrank.py``): torch's signatures on
+  :func:`svdkernels.rsvd` (dense, batched, sparse, float64).
 
 Imports point down: this package imports :mod:`svdkernels.ops` and torch, never a layer.
 """
 from svdkernels.linalg.kpsvd import kpsvd, kron_sum, rearrange
+from svdkernels.linalg.lowrank import pca_lowrank, svd_lowrank
 from svdkernels.linalg.select_rank import select_rank
 
-__all__ = ["kpsvd", "kron_sum", "rearrange", "select_rank"]
+__all__ = ["kpsvd", "kron_sum", "pca_lowrank", "rearrange", "select_rank", "svd_lowrank"]
