@@ -207,7 +207,10 @@ def sparse_matrices(A: torch.Tensor) -> list[torch.Tensor]:
     if A.dim() == 2:
         return [A]
     crow, col, val = A.crow_indices(), A.col_indices(), A.values()
-    return [torch.sparse_csr_tensor(crow[b], col[b], val[b], A.shape[-2:]) for b in range(A.shape[0])]
+    return [
+        torch.sparse_csr_tensor(crow[b], col[b], val[b], A.shape[-2:], check_invariants=False)
+        for b in range(A.shape[0])
+    ]
 
 
 @dataclass(frozen=True)

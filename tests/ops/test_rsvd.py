@@ -9,6 +9,7 @@ import torch
 
 import svdkernels
 from svdkernels.testing.matrices import SpectralMatrix, relative_errors, spectral_matrix
+from svdkernels.reference import rsvd as reference
 from svdkernels.testing.errors import assert_raises_naming
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -303,3 +304,119 @@ def test_non_finite_sparse_input_names_A():
 )
 def test_new_arguments_bad_input_names_the_argument(call, exc, words):
     assert_raises_naming(call, exc, words)
+
+
+# --------------------------------------------------------------------------- accuracy mode, tol
+
+
+@pytest.mark.parametrize("decay", [0.5, 1.0], ids=lambda d: f"poly{d}")
+@pytest.mark.parametrize("n_iter", [1, 2])
+def test_krylov_lower_error_than_hmt_at_equal_passes(decay, n_iter):
+    # Same 2·n_iter + 2 passes over A; block Krylov keeps every block of the basis
+    # (measured here at 512x384, k=16: d=0.5, n_iter=1: HMT 1.0117, Krylov 1.0066;
+    # n_iter=2: 1.0021 vs 1.0003).
+    M = spectral_matrix("poly", 512, 384, batch=(2,), decay=decay, seed=3)
+    A = M.A.float()
+    ratio = {}
+    for method in ("hmt", "krylov"):
+        U, S, Vh = svdkernels.rsvd(A, 16, n_iter=n_iter, method=method, seed=0)
+        e = relative_errors(M.A, U, S, Vh, M.S)
+        assert e["orth"].max() <= ORTH_TOL
+        ratio[method] = e["ratio"]
+    assert (ratio["krylov"] < ratio["hmt"]).all(), ratio
+
+
+def test_krylov_lower_error_on_real_weights(minilm_groups):
+    ours, hmt = [], []
+    for W in minilm_groups:
+        St = torch.linalg.svdvals(W.double())
+        for method, out in (("krylov", ours), ("hmt", hmt)):
+            U, S, Vh = svdkernels.rsvd(W, 16, n_iter=1, method=method, seed=0)
+            out.append(relative_errors(W, U, S, Vh, St)["ratio"])
+    assert torch.cat(ours).mean() < torch.cat(hmt).mean(), (torch.cat(ours).mean(), torch.cat(hmt).mean())
+
+
+class CountingPasses(reference.TorchPasses):
+    """The reference passes, counting the products with A."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def matmul(self, A, X, *, transpose, dtype):
+        self.count += 1
+        return super().matmul(A, X, transpose=transpose, dtype=dtype)
+
+
+def test_tol_stops_the_power_iteration_early():
+    M = spectral_matrix("poly", 400, 300, batch=(2,), seed=2)
+    A = M.A.float()
+    loose, tight = CountingPasses(), CountingPasses()
+    U, S, Vh = reference.rsvd(A, 16, n_iter=20, seed=0, tol=1e-2, passes=loose)
+    e = relative_errors(M.A, U, S, Vh, M.S)
+    assert e["ratio"].max() <= 1.01 and e["orth"].max() <= ORTH_TOL, e
+    reference.rsvd(A, 16, n_iter=20, seed=0, tol=1e-12, passes=tight)
+    # sketch (counted as a matmul) + 2 per iteration + projection
+    assert loose.count < tight.count == 2 * 20 + 2, (loose.count, tight.count)
+
+
+# --------------------------------------------------------------------------- float64, sparse, center
+
+
+def test_float64_in_float64_out_and_accurate():
+    M = spectral_matrix("exp", 300, 200, batch=(2,), decay=0.2, seed=4)  # sigma_24 = 1e-4.6
+    U, S, Vh = svdkernels.rsvd(M.A, 24, n_iter=3, seed=0)
+    assert (U.dtype, S.dtype, Vh.dtype) == (torch.float64,) * 3
+    e = relative_errors(M.A, U, S, Vh, M.S)
+    # float64 reaches what float32 cannot: top singular values to 1e-10 relative.
+    assert e["sv"].max() <= 1e-10 and e["orth"].max() <= 1e-12, e
+    assert e["ratio"].max() <= 1.01
+
+
+def _sparse_case(seed: int = 0, batch: tuple[int, ...] = ()) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(120, 90, generator=g) < 0.1  # one pattern: batched CSR needs equal nnz
+    return torch.randn(*batch, 120, 90, generator=g) * mask
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+@pytest.mark.parametrize("batch", [(), (3,)], ids=["2d", "batched"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_sparse_matches_exact_svd(layout, batch, dtype):
+    dense = _sparse_case(batch=batch).to(dtype)
+    A = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+    U, S, Vh = svdkernels.rsvd(A, 6, oversample=20, n_iter=4, seed=0)
+    assert U.layout == torch.strided and U.dtype == dtype and U.shape == (*batch, 120, 6)
+    e = relative_errors(dense, U, S, Vh, torch.linalg.svdvals(dense.double()))
+    # A flat random spectrum: the bound is the issue's 1.01 with a wider sketch.
+    assert e["ratio"].max() <= 1.01 and e["orth"].max() <= (1e-10 if dtype == torch.float64 else ORTH_TOL), e
+
+
+@pytest.mark.parametrize("center", ["columns", "rows"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_center_equals_factoring_the_centred_matrix(center, sparse):
+    dense = _sparse_case(seed=1, batch=(2,)).double() + 0.5  # non-zero means
+    centred = dense - (dense.mean(-2, keepdim=True) if center == "columns" else dense.mean(-1, keepdim=True))
+    A = dense.to_sparse() if sparse else dense
+    U, S, Vh = svdkernels.rsvd(A, 5, oversample=30, n_iter=4, center=center, seed=0)
+    # Same test matrix, same float64 passes: the implicit centring gives the factors
+    # of the explicitly centred matrix, to float64 rounding.
+    U2, S2, Vh2 = svdkernels.rsvd(centred, 5, oversample=30, n_iter=4, seed=0)
+    torch.testing.assert_close(S, S2, rtol=1e-10, atol=0)
+    torch.testing.assert_close(U @ U.mT, U2 @ U2.mT, rtol=0, atol=1e-9)
+    # and they are accurate for it (a flat random spectrum: within 1e-4 of exact)
+    torch.testing.assert_close(S, torch.linalg.svdvals(centred)[..., :5], rtol=1e-4, atol=0)
+
+
+def test_center_true_is_columns():
+    A = torch.randn(50, 40, dtype=torch.float64) + 3.0
+    a = svdkernels.rsvd(A, 3, center=True, seed=0)
+    b = svdkernels.rsvd(A, 3, center="columns", seed=0)
+    assert torch.equal(a[1], b[1])
+
+
+def test_opcheck_new_arguments():
+    A = torch.randn(2, 60, 40)
+    op = torch.ops.svdkernels.rsvd.default
+    torch.library.opcheck(op, (A.double(), 4, 10, 2, 3, None))
+    torch.library.opcheck(op, (A, 4, 6, 1, 3, None, "columns", "krylov", None))
+    torch.library.opcheck(op, (A, 4, 6, 3, 3, None, None, "hmt", 1e-2))
