@@ -182,6 +182,12 @@ class LowRankKVCache:
         mine = self._k[layer_idx]
         if mine is not None and (keys.shape[2] != mine.shape[2] or values.shape[2] != self._v[layer_idx].shape[2]):
             raise ValueError(f"keys: expected last dim {mine.shape[2]} (this layer's Hkv*d), got {keys.shape[2]}")
+        for name, t in (("keys", keys), ("values", values)):
+            if not t.is_floating_point():
+                raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+            # A NaN would fail the whole group's SVD later, far from its source ("failed to converge").
+            if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name}: expected finite values, got NaN or inf")
 
     # -- writing -------------------------------------------------------------
 
