@@ -15,6 +15,9 @@ arguments (``model(**batch)``, e.g. a tokenizer's ``BatchEncoding``), a
 - :func:`collect_input_stats` → :class:`InputStats` per layer: channel max/min/sum/
   sum of squares, a bounded row sample (uniform, or the first rows), and on request
   the input Gram ``XᵀX`` in float64.
+- :func:`collect_layer_stats` → :class:`LayerStats` per layer: the float64 input
+  Gram, ``Σ|x|`` per channel and the row Fisher of a loss (forward and backward in
+  the same single pass), for low-rank compression.
 """
 from __future__ import annotations
 
@@ -36,9 +39,13 @@ Hook = Callable[[str, torch.Tensor, torch.Tensor], None]
 __all__ = [
     "DEFAULT_MAX_ROWS",
     "InputStats",
+    "LayerStats",
     "collect_input_stats",
+    "collect_layer_stats",
     "eval_mode",
+    "model_loss",
     "output_hooks",
+    "probe_loss",
     "run_batches",
 ]
 
@@ -236,3 +243,230 @@ def collect_input_stats(
     with output_hooks(modules, lambda name, x, y: accs[name].add(x)):
         run_batches(model, calib_batches)
     return {name: st for name, a in accs.items() if (st := a.stats()) is not None}
+
+
+# ---------------------------------------------------------------------------
+# Gram, mean |x| and row Fisher in one pass (low-rank compression)
+
+
+@dataclass
+class LayerStats:
+    """What one linear layer (``K`` inputs, ``N`` outputs) saw during
+    :func:`collect_layer_stats`, each only when asked for.
+
+    ``n_rows`` input rows seen; ``gram`` ``[K, K]`` float64 ``Σ xᵀx`` over every
+    row; ``abs_sum`` ``[K]`` float64 ``Σ |x|`` per input channel; ``fisher``
+    ``[N]`` float64, the row Fisher of FWSVD (Hsu et al. 2022):
+    ``Σ_batches Σ_j (∂L/∂W_ij)²`` per output row ``i``; with ``sensitivity``,
+    ``out_grad_sq = Σ_batches ‖∂L/∂Y‖²_F`` (how much the loss moves with the layer's
+    output ``Y``) and ``out_sq = ‖Y − bias‖²_F`` over every row.
+    """
+
+    n_rows: int
+    gram: Optional[torch.Tensor] = None
+    abs_sum: Optional[torch.Tensor] = None
+    fisher: Optional[torch.Tensor] = None
+    out_grad_sq: Optional[float] = None
+    out_sq: Optional[float] = None
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        """``mean_rows |x|`` per input channel ``[K]`` float64 (ASVD's activation scale)."""
+        if self.abs_sum is None:
+            raise ValueError("abs_mean: these statistics were collected without abs_mean=True")
+        return self.abs_sum / self.n_rows
+
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+def _float_tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    return [t for v in values for t in _float_tensors(v)]
+
+
+def probe_loss(seed: int = 0) -> LossFn:
+    """The default Fisher loss for a model without its own: ``Σ ⟨y, z⟩`` over the
+    floating-point tensors ``y`` of the output (a tensor, or those in a tuple, list
+    or mapping such as a ``ModelOutput``), ``z ~ N(0, I)`` drawn afresh per batch
+    (generator seeded by ``seed``).
+
+    Its gradient ``Jᵀz`` is that of ``½‖(y₀ + z) − y‖²`` at ``y = y₀``: the distance
+    to the float model's outputs with *perturbed targets* (sampled from a Gaussian
+    around them). Perturbing the targets rather than the inputs keeps the float model
+    as the reference, and ``E_z[(Jᵀz)²]`` is the Gauss–Newton (true Fisher)
+    diagonal of that Gaussian model, ``diag(JᵀJ)``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss(output: Any, batch: Any) -> torch.Tensor:
+        ys = _float_tensors(output)
+        if not ys:
+            raise ValueError("loss: the model output holds no floating-point tensor; pass loss=fn(output, batch)")
+        total = 0
+        for y in ys:
+            z = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(device=y.device, dtype=y.dtype)
+            total = total + (y * z).sum()
+        return total
+
+    return loss
+
+
+def model_loss(output: Any, batch: Any) -> Optional[torch.Tensor]:
+    """``output.loss`` (or ``output["loss"]``) when the model computed one, else None."""
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) else None
+
+
+class _StatsAccumulator:
+    def __init__(self, gram: bool, abs_mean: bool) -> None:
+        self.want_gram, self.want_abs = gram, abs_mean
+        self.gram: Optional[torch.Tensor] = None
+        self.abs_sum: Optional[torch.Tensor] = None
+        self.fisher: Optional[torch.Tensor] = None
+        self.out_grad_sq: Optional[float] = None
+        self.out_sq: Optional[float] = None
+        self.n = 0
+
+    def add(self, parts: tuple[int, Optional[torch.Tensor], Optional[torch.Tensor]]) -> None:
+        n, g, a = parts
+        self.n += n
+        if g is not None:
+            self.gram = g.clone() if self.gram is None else self.gram.add_(g)
+        if a is not None:
+            self.abs_sum = a.clone() if self.abs_sum is None else self.abs_sum.add_(a)
+
+
+def collect_layer_stats(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    calib_batches: Iterable[Any],
+    *,
+    gram: bool = False,
+    abs_mean: bool = False,
+    fisher: bool = False,
+    sensitivity: bool = False,
+    loss: Optional[LossFn] = None,
+    seed: int = 0,
+) -> dict[str, LayerStats]:
+    """Run ``model`` on ``calib_batches`` once and gather, per linear layer of
+    ``modules``, the input Gram (float64), ``Σ|x|`` per channel and the row Fisher.
+
+    Layers fed the same input tensor in a forward (a transformer's q, k and v) share
+    one Gram product per batch instead of computing it once each.
+
+    Fisher and sensitivity (``fisher=True``, ``sensitivity=True``): each batch runs
+    forward *and* backward (only the gradients asked for are computed), the loss being
+    ``loss(output, batch)`` if given, else the model's own loss (``output.loss``,
+    e.g. a batch with ``labels``), else :func:`probe_loss`; only the target weights
+    get gradients (``torch.autograd.grad``: no ``.grad`` is written and
+    ``requires_grad`` flags are restored). Modules run in eval mode in every case.
+
+    Args:
+        model: the float model.
+        modules: ``{name: nn.Linear}`` to watch (submodules of ``model``).
+        calib_batches: an iterable of batches (module docstring), consumed once.
+        gram, abs_mean, fisher, sensitivity: which statistics to gather
+            (:class:`LayerStats`).
+        loss: ``fn(output, batch) -> scalar`` for the Fisher and the sensitivity.
+        seed: seed of the default probe loss.
+
+    Returns:
+        ``{name: LayerStats}`` for every module called at least once.
+
+    Raises:
+        ValueError: ``calib_batches`` is empty; the loss is not a finite scalar.
+        TypeError: ``calib_batches`` is not an iterable of batches.
+    """
+    accs = {name: _StatsAccumulator(gram, abs_mean) for name in modules}
+    # Per batch: input tensor (held, so its id cannot be reused) -> its contributions.
+    cache: dict[int, tuple[torch.Tensor, tuple]] = {}
+
+    def hook(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        hit = cache.get(id(x))
+        if hit is None or hit[0] is not x:
+            x2 = x.detach().reshape(-1, x.shape[-1])
+            x64 = x2.double()
+            g = x64.T @ x64 if gram else None
+            a = x64.abs().sum(0) if abs_mean else None
+            hit = (x, (x2.shape[0], g, a))
+            cache[id(x)] = hit
+        accs[name].add(hit[1])
+
+    if not (fisher or sensitivity):
+        def clear_cache(*_: Any) -> None:
+            cache.clear()
+
+        with output_hooks(modules, hook):
+            pre = model.register_forward_pre_hook(clear_cache)
+            try:
+                run_batches(model, calib_batches)
+            finally:
+                pre.remove()
+    else:
+        _backward_pass(model, modules, calib_batches, accs, hook, cache, loss, seed, fisher, sensitivity)
+    return {name: LayerStats(a.n, a.gram, a.abs_sum, a.fisher, a.out_grad_sq, a.out_sq) for name, a in accs.items() if a.n > 0}
+
+
+def _backward_pass(model: nn.Module, modules: Mapping[str, nn.Module], calib_batches: Iterable[Any],
+                   accs: dict[str, _StatsAccumulator], hook: Hook, cache: dict, loss: Optional[LossFn],
+                   seed: int, fisher: bool, sensitivity: bool) -> None:
+    if not isinstance(calib_batches, Iterable) or isinstance(calib_batches, (torch.Tensor, str, Mapping)):
+        raise TypeError("calib_batches: expected an iterable of batches (e.g. a list), "
+                        f"got {type(calib_batches).__name__}")
+    names = list(modules)
+    weights = [modules[n].weight for n in names]
+    flags = [w.requires_grad for w in weights]
+    probe = probe_loss(seed)
+    n = 0
+    outputs: dict[str, torch.Tensor] = {}
+
+    def hook_and_keep(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        hook(name, x, y)
+        if sensitivity:
+            outputs[name] = y
+            b = getattr(modules[name], "bias", None)
+            sq = float((y.detach() - b.detach() if b is not None else y.detach()).double().square().sum())
+            accs[name].out_sq = (accs[name].out_sq or 0.0) + sq
+
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        with torch.enable_grad(), eval_mode(model), output_hooks(modules, hook_and_keep):
+            for batch in calib_batches:
+                cache.clear()
+                if isinstance(batch, Mapping):
+                    out = model(**batch)
+                elif isinstance(batch, (tuple, list)):
+                    out = model(*batch)
+                else:
+                    out = model(batch)
+                value = loss(out, batch) if loss is not None else model_loss(out, batch)
+                if value is None:
+                    value = probe(out, batch)
+                if not isinstance(value, torch.Tensor) or value.numel() != 1 or not torch.isfinite(value).all():
+                    raise ValueError(f"loss: expected a finite scalar tensor, got {value!r:.80}")
+                outs = [outputs.get(nm) for nm in names]
+                seen = [i for i, o in enumerate(outs) if o is not None and o.requires_grad]
+                wanted = (weights if fisher else []) + [outs[i] for i in seen]
+                grads = torch.autograd.grad(value.reshape(()), wanted, allow_unused=True) if wanted else []
+                for name, g in zip(names if fisher else [], grads):
+                    if g is None:
+                        continue
+                    f = g.detach().double().square().sum(1)
+                    a = accs[name]
+                    a.fisher = f if a.fisher is None else a.fisher.add_(f)
+                for i, g in zip(seen, grads[len(names) if fisher else 0:]):
+                    if g is not None:
+                        a = accs[names[i]]
+                        a.out_grad_sq = (a.out_grad_sq or 0.0) + float(g.detach().double().square().sum())
+                outputs.clear()
+                n += 1
+    finally:
+        cache.clear()
+        for w, flag in zip(weights, flags):
+            w.requires_grad_(flag)
+    if n == 0:
+        raise ValueError("calib_batches: expected at least one batch, got an empty iterable")

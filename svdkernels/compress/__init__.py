@@ -1,0 +1,21 @@
+"""Low-rank model compression: ``compress_model`` (SVD, FWSVD, ASVD, SVD-LLM, Basis
+Sharing with a global rank budget), ``LowRankLinear``, safetensors save/load, and
+``compress_experts`` for mixture-of-experts blocks."""
+from svdkernels.compress.budget import Unit, allocate_global, allocate_uniform
+from svdkernels.compress.io import load_compressed, save_compressed
+from svdkernels.compress.linear import LowRankLinear
+from svdkernels.compress.model import BUDGETS, METHODS, SHARED_KINDS, compress_model, layer_kind
+
+__all__ = [
+    "BUDGETS",
+    "METHODS",
+    "SHARED_KINDS",
+    "LowRankLinear",
+    "Unit",
+    "allocate_global",
+    "allocate_uniform",
+    "compress_model",
+    "layer_kind",
+    "load_compressed",
+    "save_compressed",
+]
