@@ -167,7 +167,7 @@ def decompose(
         dtype: the layer's compute dtype (of ``scales``, ``L_down``, ``L_up``).
         seed: seed of the rsvd sketches.
     """
-    W = W.float()
+    W = W.float().contiguous()  # any strides in; the packed outputs are row-major
     lam = smooth.float()[:, None, :]  # [B, 1, K]
     W_hat = W[None] * lam  # [B, N, K]
 
