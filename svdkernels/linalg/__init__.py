@@ -4,12 +4,14 @@
 - :func:`kpsvd` (``kpsvd.py``): the Van Loan–Pitsianis nearest sum of Kronecker
   products, with :func:`kron_sum` and :func:`rearrange`;
 - :func:`svd_lowrank`, :func:`pca_lowrank` (``lowrank.py``): torch's signatures on
-  :func:`svdkernels.rsvd` (dense, batched, sparse, float64).
+  :func:`svdkernels.rsvd` (dense, batched, sparse, float64);
+- :func:`robust_svd` (``robust.py``): rSVDdpd, an SVD that resists gross outliers.
 
 Imports point down: this package imports :mod:`svdkernels.ops` and torch, never a layer.
 """
 from svdkernels.linalg.kpsvd import kpsvd, kron_sum, rearrange
 from svdkernels.linalg.lowrank import pca_lowrank, svd_lowrank
+from svdkernels.linalg.robust import robust_svd
 from svdkernels.linalg.select_rank import select_rank
 
-__all__ = ["kpsvd", "kron_sum", "pca_lowrank", "rearrange", "select_rank", "svd_lowrank"]
+__all__ = ["kpsvd", "kron_sum", "pca_lowrank", "rearrange", "robust_svd", "select_rank", "svd_lowrank"]
