@@ -1,4 +1,5 @@
-"""Command line: ``python -m svdkernels bench [--quick] [--only FAMILY ...] [--out DIR] [--repeats N]``."""
+"""Command line: ``python -m svdkernels bench [--quick] [--only FAMILY ...] [--out DIR] [--repeats N]``
+and ``python -m svdkernels analyze spectra|intruders|gradients|heads|mnn [--model PATH] ...``."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, metavar="N",
                        help="timed repeats per measurement, median reported (default 5, 3 with --quick)")
     bench.add_argument("--device", help="torch device to run on (default: cuda if available, else cpu)")
+    from svdkernels.analysis import cli as analyze_cli  # argument definitions only: no transformers, no matplotlib
+
+    analyze_cli.configure(sub.add_parser(
+        "analyze",
+        help="spectral analysis of a model (JSON + PNG)",
+        description="Spectra of every linear weight, intruder dimensions against a fine-tuned model, per-sample "
+        "gradient spectra, head composition or the Matrix Nuclear-Norm score; writes DIR/<what>.json and .png.",
+    ))
     return parser
 
 
@@ -36,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Imported here so that `--help` stays instant.
         import torch
 
-        from svdkernels.bench.runner import load_families, run
+        from svdkernels.bench import load_families, run
 
         known = sorted(load_families())
         unknown = [name for name in args.only or () if name not in known]
@@ -46,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--repeats: expected a positive integer, got {args.repeats}")
         device = torch.device(args.device) if args.device else None
         run(args.only, quick=args.quick, repeats=args.repeats, out_dir=args.out, device=device)
+    elif args.command == "analyze":
+        from svdkernels.analysis import cli as analyze_cli
+
+        return analyze_cli.run(args, parser.error)
     return 0
 
 
