@@ -335,6 +335,24 @@ class LowRankAdamW(torch.optim.Optimizer):
                     return
         raise ValueError("p: expected a parameter of this optimizer, got one it does not hold")
 
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Refresh now, batched, the basis of every low-rank parameter that has a gradient,
+        as if all were due (e.g. after changing the data distribution)."""
+        items = [it for it in self._grads() if it[0]["lowrank"]]
+        for it in items:
+            state = self.state[it[3]]
+            if "next_refresh" in state:  # without one, a parameter is due anyway
+                state["next_refresh"] = min(state["next_refresh"], state.get("step", 0))
+        self._refresh(items)
+
+    def state_bytes(self) -> int:
+        """Bytes of the optimiser's state tensors, plus the DCT/random bases it keeps
+        gathered between refreshes (rebuilt from the state, not saved)."""
+        total = sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
+                    if isinstance(v, torch.Tensor))
+        return total + sum(t.numel() * t.element_size() for t in self._cache.values())
+
     def _sr_seed(self, p: torch.Tensor, step: int) -> Optional[int]:
         if self.stochastic_rounding and p.dtype == torch.bfloat16:
             return _mix(self.seed, 2, self._index[p], step)
