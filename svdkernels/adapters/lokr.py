@@ -65,13 +65,13 @@ def _read_config(path: str, config_path: str) -> dict[str, Any]:
             raise FormatError(path, f"{CONFIG_NAME}: expected {where} a positive int, got {v!r}")
 
     def alpha(where: str, v: object) -> None:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise FormatError(path, f"{CONFIG_NAME}: expected {where} a finite number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise FormatError(path, f"{CONFIG_NAME}: expected {where} a positive finite number, got {v!r}")
 
     rank("r", config.get("r", 8))
     alpha("alpha", config.get("alpha", 8))
     for key, check in (("rank_pattern", rank), ("alpha_pattern", alpha)):
-        pat = config.get(key) or {}
+        pat = config.get(key, {})  # absent in old peft configs; null is not a pattern table
         if not isinstance(pat, dict):
             raise FormatError(path, f"{CONFIG_NAME}: expected {key} a JSON object, got {type(pat).__name__}")
         for k, v in pat.items():
@@ -171,8 +171,8 @@ def load_lokr(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise ValueError(f"model: the adapter names module {name!r}, which the model does not have") from None
         if not isinstance(base, nn.Linear) or isinstance(base, KronLinear):
             raise TypeError(f"model: module {name!r} is a {type(base).__name__}; only nn.Linear is supported")
-        r = _pattern_value(config.get("rank_pattern") or {}, name, r0)
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, alpha0)
+        r = _pattern_value(config.get("rank_pattern", {}), name, r0)
+        alpha = _pattern_value(config.get("alpha_pattern", {}), name, alpha0)
         (out_l, out_k), (in_m, in_n) = (near_square_factors(base.out_features, factor),
                                         near_square_factors(base.in_features, factor))
         # peft.tuners.lokr.layer.LoKrLayer.update_layer: which factors are low-rank.

@@ -137,7 +137,7 @@ def _check_layer_info(path: str | os.PathLike, name: str, info: object) -> None:
         got = sorted(info) if isinstance(info, dict) else type(info).__name__
         raise FormatError(path, f"{where}: expected metadata keys {sorted(_LAYER_KEYS)}, got {got}")
     method = info["method"]
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise FormatError(path, f"{where}: expected method one of {tuple(METHODS)}, got {method!r}")
     for key in ("in_features", "out_features"):
         v = info[key]

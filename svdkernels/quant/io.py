@@ -159,7 +159,7 @@ def _check_layer_table(path: str | os.PathLike, layers: object) -> dict[str, dic
         if info["unsigned"] and (info["acts"] is None or not info["bias"]):
             raise FormatError(path, f"{where}: unsigned = true needs acts = 'int4' and the compensated bias "
                                     f"(bias = true), got acts {info['acts']!r}, bias {info['bias']!r}")
-        if info["dtype"] not in _DTYPES:
+        if not isinstance(info["dtype"], str) or info["dtype"] not in _DTYPES:
             raise FormatError(path, f"{where}: expected dtype one of {sorted(_DTYPES)}, got {info['dtype']!r}")
     return layers
 
@@ -217,7 +217,8 @@ def _parse_config(path: str | os.PathLike, metadata: dict[str, str],
         bad = "rank / refine_iters"
     elif d.get("act_stat", "rms") not in ("rms", "absmax"):
         bad = "act_stat"
-    elif d.get("dtype") is not None and d.get("dtype") not in {f"torch.{k}" for k in _DTYPES}:
+    elif d.get("dtype") is not None and (not isinstance(d["dtype"], str)
+                                         or d["dtype"] not in {f"torch.{k}" for k in _DTYPES}):
         bad = "dtype"
     elif d.get("alphas") is not None and not (isinstance(d["alphas"], list) and all(
             _is_number(a) and 0 <= a <= 1 for a in d["alphas"])):
