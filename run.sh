@@ -19,7 +19,7 @@ setup() {
     fi
     # Dependencies already satisfied are left alone (pip's only-if-needed
     # strategy), so this never replaces the torch found above.
-    "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test]"
+    "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test,bench]"
 }
 
 cmd=${1:-}

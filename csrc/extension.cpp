@@ -9,10 +9,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "cpu/lowrank_w4a16.h"
+#include "cpu/lowrank_quant.h"
 
 TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
-  // y [M, N] = x·deq(qweight)ᵀ + (x·L_downᵀ)·L_upᵀ + bias; see csrc/cpu/lowrank_w4a16.cpp.
+  // y [M, N] = x·deq(qweight)ᵀ + (x·L_downᵀ)·L_upᵀ + bias; see csrc/cpu/lowrank_quant.cpp.
   // isa: -1 the best this CPU supports, 0 portable C++, 1 AVX2+FMA, 2 AVX-512F,
   // 3 AVX-512 with BF16 dot products for bfloat16 activations (other dtypes as 2).
   m.def(

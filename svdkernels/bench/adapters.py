@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from svdkernels.adapters import ALL_METHODS, adapt, adapter_layers
-from svdkernels.bench.runner import Row, bench_device, register, time_fn
+from svdkernels.bench import Row, bench_device, register, time_fn
 
 RANK = 16
 

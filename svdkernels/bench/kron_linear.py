@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from svdkernels.adapters import load_lokr
-from svdkernels.bench.runner import Row, bench_device, device_peaks, register, roofline_row, table_peaks, time_fn
+from svdkernels.bench import Row, bench_device, device_peaks, register, roofline_row, table_peaks, time_fn
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from svdkernels.bench.runner import Peaks, Row, device_peaks, register, roofline, roofline_row, table_peaks, time_fn
+from svdkernels.bench import Peaks, Row, device_peaks, register, roofline, roofline_row, table_peaks, time_fn
 from svdkernels.ops.lowrank_attention import RoPE, lowrank_attention
 from svdkernels.reference.lowrank_attention import apply_rope
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from svdkernels.backends import select_backend
-from svdkernels.bench.runner import Row, device_peaks, register, roofline, roofline_row, table_peaks, time_fn
+from svdkernels.bench import Row, device_peaks, register, roofline, roofline_row, table_peaks, time_fn
 from svdkernels.quant import dequantize_weight, lowrank_w4a16_linear, quantize_weight, unpack_int4
 
 CPU = torch.device("cpu")

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from svdkernels.bench.runner import Row, register
+from svdkernels.bench import Row, register
 from svdkernels.quant import layer_sqnr, quantize_model, quantize_model_rtn
 from svdkernels.quant.model import linear_weight_bytes
 
@@ -70,13 +70,6 @@ def _minilm() -> tuple[nn.Module, Any]:
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModel.from_pretrained(path).eval()
     return model, tokenizer
-
-
-def load_minilm() -> tuple[nn.Module, Any]:
-    """A fresh float32 all-MiniLM-L6-v2 (``transformers`` ``BertModel``, eval mode)
-    and its tokenizer, from the bundled files (loaded once, then deep-copied)."""
-    model, tokenizer = _minilm()
-    return copy.deepcopy(model), tokenizer
 
 
 def sentence_batches(tokenizer: Any, sentences: Sequence[str]) -> list[dict[str, torch.Tensor]]:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 import svdkernels
-from svdkernels.bench.runner import Row, bench_device, device_peaks, register, roofline_row, time_fn
+from svdkernels.bench import Row, bench_device, device_peaks, register, roofline_row, time_fn
 from svdkernels.reference import rsvd as reference
 from svdkernels.testing.matrices import relative_errors, spectral_matrix
 

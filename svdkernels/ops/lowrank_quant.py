@@ -11,7 +11,7 @@ math is in ``svdkernels/reference/lowrank_quant.py``; the packed formats in
 run all three ops on the Triton kernels of ``svdkernels/triton/lowrank_quant.py``
 (int8 tensor cores, sm_80 and sm_90; on CPU tensors only when forced with
 ``use_backend("triton")`` under ``TRITON_INTERPRET=1``); on the CPU
-``lowrank_w4a16_linear`` runs a C++ kernel (``csrc/cpu/lowrank_w4a16.cpp``, the
+``lowrank_w4a16_linear`` runs a C++ kernel (``csrc/cpu/lowrank_quant.cpp``, the
 internal op ``torch.ops.svdkernels._cpp_lowrank_w4a16_linear``) when
 ``svdkernels._C`` is built, and everything else the reference.
 

@@ -26,6 +26,9 @@ def quick_run(tmp_path_factory) -> tuple[list[str], dict]:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "bench.png").exists(), "bench.png missing: matplotlib is part of the bench set-up"
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, "bench.png is not a real picture"
     return proc.stdout.splitlines(), json.loads((out / "bench.json").read_text())
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import svdkernels
+from svdkernels.testing.metrics import UNIT_ROUNDOFF, assert_within_bound, sqnr
 from svdkernels.testing.quant import random_w4a16_layer
 from svdkernels.backends import cpp_available
 from svdkernels.quant import (
@@ -27,13 +28,7 @@ from svdkernels.quant import (
 BACKENDS = ["reference"] + (["cpp"] if cpp_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Unit roundoff of the output dtype: the op rounds its float32 result once.
-UNIT = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
-
-def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """``20·log10(‖ref‖/‖ref − out‖)`` in dB."""
-    ref, out = ref.double(), out.double()
-    return float(20 * torch.log10(ref.norm() / (ref - out).norm()))
+UNIT = UNIT_ROUNDOFF
 
 
 def w4a16_float64(x, qweight, scales, L_down, L_up, bias):
@@ -50,10 +45,8 @@ def w4a16_float64(x, qweight, scales, L_down, L_up, bias):
 
 
 def assert_within(out, y64, bound, dtype):
-    err = (out.double() - y64).abs()
-    allowed = bound + UNIT[dtype] * y64.abs()
-    bad = err > allowed
-    assert not bad.any(), f"{int(bad.sum())} elements off; worst excess {float((err - allowed).max()):.3g}"
+    # The op rounds its float32 result once to dtype: u·|y| on top of the bound.
+    assert_within_bound(out, y64, bound + UNIT[dtype] * y64.abs())
 
 
 # ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from svdkernels.testing.metrics import sqnr
 from svdkernels.quant import (
     UNSIGNED_SHIFT,
     LowRankQuantLinear,
@@ -17,10 +18,6 @@ from svdkernels.quant.linear import decompose
 from svdkernels.testing.errors import assert_raises_naming
 
 N, K = 96, 256
-
-
-def sqnr(y: torch.Tensor, y_hat: torch.Tensor) -> float:
-    return 20 * math.log10(float(y.norm() / (y - y_hat).norm()))
 
 
 def weight(seed: int = 0) -> torch.Tensor:

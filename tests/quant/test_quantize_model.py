@@ -1,11 +1,11 @@
 """quantize_model / quantize_model_rtn (svdkernels/quant/model.py) and the
 calibration hooks (svdkernels/calibration.py) on a toy MLP with a GELU."""
-import math
 
 import pytest
 import torch
 from torch import nn
 
+from svdkernels.testing.metrics import sqnr
 from svdkernels.quant import (
     DEFAULT_ALPHAS,
     LowRankQuantLinear,
@@ -58,10 +58,6 @@ def batches(n: int = 4, seed: int = 1) -> list[torch.Tensor]:
 
 def no_hooks(model: nn.Module) -> bool:
     return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-
-
-def sqnr(y: torch.Tensor, y_hat: torch.Tensor) -> float:
-    return 20 * math.log10(float(y.norm() / (y - y_hat).norm()))
 
 
 @pytest.fixture(scope="module")

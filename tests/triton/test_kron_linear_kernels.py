@@ -269,10 +269,9 @@ def test_pick_config():
     assert kl.pick_config("forward", 20, 40, 9, 3) == kl.pick_config("forward", 40, 20, 3, 9)
 
 
-# ---------------------------------------------------------------- compiles for sm_80 / sm_90
+# ------------------------------------------- compile cases (built by tests/triton/test_compile.py)
 
 
-CCS = (80, 90)
 CASES = list(kl.compile_cases())
 
 
@@ -291,23 +290,3 @@ def test_compile_cases_cover_every_kernel_config_and_dtype():
         opts = kl._options(dtype, cfg)
         assert case.options == {k: opts[k] for k in ("num_warps", "num_stages", "maxnreg")}, case.id
         assert all(case.constexprs[k] == opts[k] for k in opts if k.startswith("BLOCK") or k == "COMPUTE")
-
-
-@pytest.fixture(scope="module")
-def reports():
-    pytest.importorskip("triton.backends.nvidia.compiler")  # ptxas ships with the NVIDIA backend
-    from svdkernels.testing.compile_check import reports_by_case
-
-    # One batch over all CPUs: a cold build of all 192 takes ~60 s on 2 cores, ~15 s cached.
-    return reports_by_case(CASES, CCS)
-
-
-@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm{cc}")
-@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
-def test_compiles_without_spills(case, cc, reports):
-    from svdkernels.testing.compile_check import check_report
-
-    report = reports[(case.id, cc)]
-    print(f"\n{case.id:34s} {report.summary()}")
-    check_report(report, expects_tensor_cores=case.expects_tensor_cores)
-

@@ -205,10 +205,9 @@ def test_opcheck_on_the_triton_backend():
         torch.library.opcheck(torch.ops.svdkernels.lowrank_attention.default, args)
 
 
-# ---------------------------------------------------------------- compiles for sm_80 / sm_90
+# ------------------------------------------- compile cases (built by tests/triton/test_compile.py)
 
 
-CCS = (80, 90)
 COMPILE_CASES = list(tk.compile_cases())
 
 
@@ -220,22 +219,3 @@ def test_compile_cases_cover_every_config_dtype_and_mode():
         for cfg in tk.CONFIGS[family]:
             for mode in ("rope", "absorbed"):
                 assert f"split-{cfg.name}-{dtype}-{mode}" in ids
-
-
-@pytest.fixture(scope="module")
-def reports():
-    pytest.importorskip("triton.backends.nvidia.compiler")  # ptxas ships with the NVIDIA backend
-    from svdkernels.testing.compile_check import reports_by_case
-
-    return reports_by_case(COMPILE_CASES, CCS)
-
-
-@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm{cc}")
-@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda case: case.id)
-def test_compiles_without_spills(case, cc, reports):
-    from svdkernels.testing.compile_check import check_report
-
-    report = reports[(case.id, cc)]
-    print(f"\n{case.id:34s} {report.summary()}")
-    check_report(report, expects_tensor_cores=case.expects_tensor_cores)
-

@@ -12,7 +12,6 @@ Level 3: every kernel x config x dtype (``compile_cases()``) compiles for sm_80 
 sm_90 with zero spills, fitting shared memory, on the tensor cores; ``pytest -s``
 prints registers and shared memory per build.
 """
-import re
 
 import pytest
 
@@ -35,6 +34,7 @@ from svdkernels.formats.int4 import (  # noqa: E402
     quantize_weight,
     unpack_int4,
 )
+from svdkernels.testing.metrics import UNIT_ROUNDOFF, assert_within_bound  # noqa: E402
 from svdkernels.testing.quant import random_w4a16_layer  # noqa: E402
 from svdkernels.triton import lowrank_quant as tq  # noqa: E402
 
@@ -42,7 +42,7 @@ RUNS = torch.cuda.is_available() or triton_interpreted()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Unit roundoff of each output dtype.
-UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+UNIT = UNIT_ROUNDOFF
 
 needs_kernels = pytest.mark.skipif(not RUNS, reason="needs CUDA or TRITON_INTERPRET=1")
 
@@ -71,11 +71,8 @@ def _assert_within(out, ref, mag, n, dtype):
     two nearby float32 values up to one ulp (``2u``) apart; the float32 results differ
     by summation order, at most ``γ_n·mag`` each for ``n`` terms with absolute sum
     ``mag`` (Higham), plus 2^-20 per product for the GPU's 2x/3xTF32 (the ``+ 16``)."""
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    err = (out.double() - ref.double()).abs()
-    allowed = 2 * UNIT[dtype] * ref.double().abs() + 2 * (n + 16) * 2.0**-24 * mag
-    bad = err > allowed
-    assert not bad.any(), f"{int(bad.sum())} elements off; worst excess {float((err - allowed).max()):.3g}"
+    assert out.dtype == ref.dtype
+    assert_within_bound(out, ref, 2 * UNIT[dtype] * ref.double().abs() + 2 * (n + 16) * 2.0**-24 * mag)
 
 
 def _activations(lead, K, dtype, unsigned, seed):
@@ -416,10 +413,9 @@ def test_pick_config():
     assert tq.pick_quant_config(2048).name == "q16" and tq.pick_quant_config(2049).name == "q64"
 
 
-# ---------------------------------------------------------------- compiles for sm_80 / sm_90
+# ------------------------------------------- compile cases (built by tests/triton/test_compile.py)
 
 
-CCS = (80, 90)
 CASES = list(tq.compile_cases())
 
 
@@ -437,34 +433,3 @@ def test_compile_cases_cover_every_kernel_config_and_dtype():
         cfg = next(c for c in tq.CONFIGS + tq.QUANT_CONFIGS if c.name == case.id.split("-")[1])
         assert case.options == {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, case.id
         assert case.constexprs["BLOCK_M"] == cfg.BLOCK_M, case.id
-
-
-@pytest.fixture(scope="module")
-def reports():
-    pytest.importorskip("triton.backends.nvidia.compiler")  # ptxas ships with the NVIDIA backend
-    from svdkernels.testing.compile_check import reports_by_case
-
-    return reports_by_case(CASES, CCS)
-
-
-@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm{cc}")
-@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
-def test_compiles_without_spills(case, cc, reports):
-    from svdkernels.testing.compile_check import check_report
-
-    report = reports[(case.id, cc)]
-    print(f"\n{case.id:30s} {report.summary()}")
-    if cc >= 90 and case.constexprs["BLOCK_M"] < 64:
-        # wgmma's M is 64 (one warpgroup): triton runs 16-row dots ("decode", "q16")
-        # on mma.sync on sm_90. Check everything else and that they do use mma.sync.
-        check_report(report, expects_tensor_cores=False)
-        assert report.has_mma and not report.has_wgmma, report.summary()
-    else:
-        check_report(report, expects_tensor_cores=case.expects_tensor_cores)
-    # The K loop's own dot (not only the epilogue's TF32 one) is on the tensor cores:
-    # int4 products as int8 (s8 x s8 -> s32), 16-bit x as itself, float32 as TF32.
-    kernel, _, dtype = case.id.split("-")[:3]
-    operands = r"s32\.s8\.s8" if kernel == "w4a4" else {"bf16": r"bf16\.bf16", "fp16": r"\.f16\.f16",
-                                                         "fp32": r"tf32\.tf32"}[dtype]
-    instruction = r"wgmma\.mma_async" if cc >= 90 and case.constexprs["BLOCK_M"] >= 64 else r"mma\.sync"
-    assert re.search(instruction + r"\S*" + operands, report.ptx), f"{case.id}: no {instruction} on {operands}"

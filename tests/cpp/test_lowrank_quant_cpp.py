@@ -1,4 +1,4 @@
-"""The C++ CPU kernel of lowrank_w4a16_linear (csrc/cpu/lowrank_w4a16.cpp), every
+"""The C++ CPU kernel of lowrank_w4a16_linear (csrc/cpu/lowrank_quant.cpp), every
 instruction-set path this CPU runs (portable C++, AVX2, AVX-512), against the
 reference backend and float64: 1 to 16 tokens, shapes that are not multiples of
 the kernel's row or token blocks, ranks 0/16/32, with and without bias, float32,
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import svdkernels
+from svdkernels.testing.metrics import UNIT_ROUNDOFF, assert_within_bound
 from svdkernels.testing.quant import random_w4a16_layer
 from svdkernels.backends import cpp_available, select_backend
 from svdkernels.quant import dequantize_weight, lowrank_w4a16_linear, quantize_weight
@@ -30,7 +31,7 @@ OP = torch.ops.svdkernels._cpp_lowrank_w4a16_linear.default
 ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512", 3: "avx512bf16"}
 ISAS = list(range(torch.ops.svdkernels._cpp_best_isa() + 1))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-UNIT = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+UNIT = UNIT_ROUNDOFF
 
 
 def check(y, x, layer):
@@ -47,8 +48,10 @@ def check(y, x, layer):
     allowed = (x.shape[-1] + L_down.shape[0] + 2) * 2.0**-24 * mag + UNIT[dtype] * y64.abs()
     assert y.dtype == dtype and y.shape == y64.shape
     for name, out in (("cpp", y), ("reference", reference.lowrank_w4a16_linear(x, *layer))):
-        err = (out.double() - y64).abs()
-        assert (err <= allowed).all(), f"{name}: worst excess {float((err - allowed).max()):.3g}"
+        try:
+            assert_within_bound(out, y64, allowed)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=ISA_NAMES.get)

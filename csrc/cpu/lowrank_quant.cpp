@@ -36,7 +36,7 @@
 // the build needs no -march flag and runs on any x86-64; other CPUs get the
 // portable C++ loop): AVX512-BF16, AVX-512F, AVX2+FMA+F16C, or generic.
 
-#include "lowrank_w4a16.h"
+#include "lowrank_quant.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
