@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import warnings
 from typing import Optional
 
 import torch
@@ -49,6 +50,21 @@ HELD_OUT_EVERY = 7
 def _module_docstrings(name: str) -> list[str]:
     """The docstrings of module ``name``: its own, then its public members' (and their
     methods'), sorted by qualified name; members defined elsewhere are skipped."""
+    with warnings.catch_warnings():
+        # Importing and walking some modules warns (deprecated aliases such as typing.re).
+        warnings.simplefilter("ignore")
+        return _walk(name)
+
+
+def split_modules(split: str) -> tuple[str, ...]:
+    """The modules of ``split``: held out, every 7th of :data:`STDLIB_MODULES`; train, the rest."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split: expected 'train' or 'heldout', got {split!r}")
+    return tuple(name for i, name in enumerate(STDLIB_MODULES)
+                 if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == (split == "heldout"))
+
+
+def _walk(name: str) -> list[str]:
     try:
         module = importlib.import_module(name)
     except Exception:  # a module missing from this build of Python (e.g. no _ssl)
@@ -74,12 +90,9 @@ def _module_docstrings(name: str) -> list[str]:
 @functools.lru_cache(maxsize=None)
 def docstring_texts(split: str = "train") -> tuple[str, ...]:
     """The corpus's texts of ``split`` (``"train"`` or ``"heldout"``), one per docstring."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split: expected 'train' or 'heldout', got {split!r}")
     texts: list[str] = []
-    for i, name in enumerate(STDLIB_MODULES):
-        if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == (split == "heldout"):
-            texts.extend(_module_docstrings(name))
+    for name in split_modules(split):
+        texts.extend(_module_docstrings(name))
     return tuple(texts)
 
 
