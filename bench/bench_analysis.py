@@ -44,7 +44,7 @@ def test_analysis(benchmark, workload: family.Workload, which: str) -> None:
         fn = family.ours_gradients if which == "ours" else family.loop_gradients
         top = benchmark.pedantic(lambda: fn(model, data), rounds=1, iterations=1)
         if which == "ours":
-            benchmark.extra_info["top_k_rel_vs_loop"] = family._rel(top, family.loop_gradients(model, data), floor=1e-5)
+            benchmark.extra_info["top_k_rel_vs_loop"] = family._rel(top, family.loop_gradients(model, data), floor=1e-3)
     else:
         fn = (lambda: composition_scores(model, "q").scores) if which == "ours" else (
             lambda: family.loop_composition(model))

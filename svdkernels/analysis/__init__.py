@@ -11,8 +11,10 @@ Models (``model.py``): :func:`spectra`, :func:`model_intruders`,
 :func:`composition_scores` (Elhage et al. 2021; Merullo et al. 2024), on the
 BERT/Llama/GPT-2 layouts of ``layouts.py``. The command line is ``cli.py``.
 
-Imports point down: this layer uses ops, linalg, calibration and torch;
-transformers and matplotlib only in the command line.
+Imports point down: this layer uses calibration and torch (its SVDs are exact
+batched torch/LAPACK calls: trained weights have flat spectra on which a randomized
+SVD's top singular values are off by 1e-2); transformers and matplotlib only in
+the command line.
 """
 from svdkernels.analysis.layouts import LAYOUTS, AttentionLayer, Layout, LinearRef, detect_layout, linear_modules
 from svdkernels.analysis.metrics import (

@@ -289,17 +289,18 @@ def _gradients(args, model, model_dir, causal, against, device, bar):
     from svdkernels.analysis import causal_lm_loss, gradient_spectra
 
     batches, targets = _batches(args, model_dir, causal, device)
-    loss_fn = causal_lm_loss
-    if not causal:
-        emb = model.get_input_embeddings().weight
-        by_batch = {id(b): t for b, t in zip(batches, targets)}
+    emb = model.get_input_embeddings().weight
+    by_batch = {id(b): t for b, t in zip(batches, targets)}
 
-        def loss_fn(output, batch):  # tied-embedding masked-token cross-entropy, per sample
-            labels = by_batch[id(batch)]
-            logits = output.last_hidden_state @ emb.T
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
-            valid = labels != -100
-            return (nll * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+    def masked_token_loss(output: Any, batch: dict) -> torch.Tensor:
+        # Tied-embedding masked-token cross-entropy, per sample (encoders).
+        labels = by_batch[id(batch)]
+        logits = output.last_hidden_state @ emb.T
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
+        valid = labels != -100
+        return (nll * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+
+    loss_fn = causal_lm_loss if causal else masked_token_loss
 
     bar.reset(total=len(batches))
     try:

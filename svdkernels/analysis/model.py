@@ -26,8 +26,14 @@ import torch
 from torch import nn
 
 from svdkernels.analysis.layouts import LinearRef, detect_layout, linear_modules, weight_of
-from svdkernels.analysis.metrics import check_matrix, effective_rank, intruder_dimensions, singular_values, IntruderResult
-from svdkernels.calibration import eval_mode
+from svdkernels.analysis.metrics import (
+    IntruderResult,
+    check_matrix,
+    effective_rank,
+    intruder_dimensions,
+    singular_values,
+)
+from svdkernels.calibration import eval_mode, output_hooks
 
 Progress = Optional[Callable[[int], None]]
 """A callback told how many units of work were just finished (a progress bar's ``update``)."""
@@ -265,28 +271,25 @@ def gradient_spectra(
     top: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
     n_batches = 0
     flags = {name: m.weight.requires_grad for name, m in mods.items()}
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def record(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        if name in outputs:  # g_bᵀ x_b would miss the other calls' share of the gradient
+            raise ValueError(f"modules: {name!r} ran twice in one forward; per-sample gradients need one call")
+        inputs[name] = x.detach()
+        outputs[name] = y
+
     try:
         # Gradients must reach the targets' outputs; torch.autograd.grad below asks
         # for exactly those, so no parameter's .grad is written.
         for m in mods.values():
             m.weight.requires_grad_(True)
-        with eval_mode(model), torch.enable_grad():
+        with eval_mode(model), torch.enable_grad(), output_hooks(mods, record):
             for batch in batches:
-                inputs: dict[str, torch.Tensor] = {}
-                outputs: dict[str, torch.Tensor] = {}
-
-                def hook(name: str) -> Callable[..., None]:
-                    def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-                        inputs[name] = args[0].detach()
-                        outputs[name] = out
-                    return fn
-
-                handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
-                try:
-                    output = _run(model, batch)
-                finally:
-                    for h in handles:
-                        h.remove()
+                inputs.clear()
+                outputs.clear()
+                output = _run(model, batch)
                 losses = loss_fn(output, batch)
                 if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
                     raise ValueError(f"loss_fn: expected per-sample losses of shape [B], got "
@@ -297,7 +300,8 @@ def gradient_spectra(
                 order = list(outputs)
                 grads = torch.autograd.grad(losses.sum(), [outputs[n] for n in order], allow_unused=True)
                 gmap = {n: (torch.zeros_like(outputs[n]) if g is None else g.detach()) for n, g in zip(order, grads)}
-                del outputs, output, losses
+                outputs.clear()  # frees the batch's graph before the SVDs
+                del output, losses
                 _batch_spectra(targets, inputs, gmap, k, nuc, erank, top)
                 n_batches += 1
                 if progress:
@@ -316,7 +320,17 @@ def gradient_spectra(
     )
 
 
-def _batch_spectra(targets, inputs, gmap, k, nuc, erank, top) -> None:
+def _batch_spectra(
+    targets: dict[str, LinearRef],
+    inputs: dict[str, torch.Tensor],
+    gmap: dict[str, torch.Tensor],
+    k: int,
+    nuc: dict[str, list[torch.Tensor]],
+    erank: dict[str, list[torch.Tensor]],
+    top: dict[str, list[torch.Tensor]],
+) -> None:
+    """Append one batch's per-sample nuclear norms, effective ranks and top-``k`` values
+    to ``nuc``/``erank``/``top`` (per target name)."""
     # Same-shaped targets (all q/k/v/o of a layer stack, say) share one batched call.
     groups: dict[tuple, list[str]] = {}
     xs, gs = {}, {}

@@ -17,8 +17,11 @@ that the papers' code runs (as peft's ``reduce_intruder_dimension`` does it:
 
 Accuracy: ``top-k rel`` is the largest relative difference of the top ``k = 10``
 singular values (per matrix, or per sample and matrix) from the float64 reference
-(the loop's for gradients); ``score rel`` the largest relative difference of the
-composition scores from the loop's. Target (issue 17): ours ≥ 5x faster, ≤ 1e-3.
+(the loop's for gradients, over ``max(σ_i, 1e-3·σ_1)``: a per-sample gradient may
+have rank below 10, and relative differences of its zero singular values, exact
+zeros for ours and float32 rounding noise for the loop, mean nothing); ``score rel``
+the largest relative difference of the composition scores from the loop's.
+Target (issue 17): ours ≥ 5x faster, ≤ 1e-3.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ TOP_K = 10
 
 LEGEND = (
     "top-k rel: max relative difference of the top-10 singular values from float64 (gradients: from the loop's, "
-    "relative to max(σ_i, 1e-5·σ_1) since a short sample's gradient has rank < 10); "
+    "over max(σ_i, 1e-3·σ_1): a per-sample gradient can have rank < 10, where the float32 loop returns "
+    "rounding noise ~1e-6·σ_1 and ours exact zeros); "
     "score rel: max relative difference of composition scores from the dense loop. Papers' loop = "
     "torch.linalg.svd(W, full_matrices=False) per layer / per sample, as peft's reduce_intruder_dimension. "
     "Target: ours >= 5x faster at <= 1e-3."
@@ -64,7 +68,8 @@ class Workload:
 
 def workloads(quick: bool) -> list[Workload]:
     if quick:
-        return [Workload("spectra", 2), Workload("gradients", 2, samples=4, batch=4, tokens=16),
+        # Small enough for the bench smoke test (every family's --quick in one run).
+        return [Workload("spectra", 1), Workload("gradients", 1, samples=4, batch=4, tokens=16),
                 Workload("heads", 2)]
     return [Workload("spectra", 6), Workload("gradients", 6, samples=32, batch=8, tokens=32), Workload("heads", 6)]
 
@@ -95,6 +100,12 @@ def loop_spectra(model: nn.Module) -> dict[str, torch.Tensor]:
     """``torch.linalg.svd`` per linear weight, one at a time (singular vectors included)."""
     return {n: torch.linalg.svd(m.weight.detach(), full_matrices=False)[1]
             for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def loop_svd_defaults(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``torch.linalg.svd(W)`` at its defaults (``full_matrices=True``), as code that writes
+    it without arguments runs it."""
+    return {n: torch.linalg.svd(m.weight.detach())[1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 def loop_svdvals(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -190,7 +201,7 @@ def _rel(got: torch.Tensor, want: torch.Tensor, floor: float = 0.0) -> float:
     return float(((got - want).abs() / scale).max())
 
 
-def _bench_spectra(wl: Workload, repeats: int) -> Iterator[Row | str]:
+def _bench_spectra(wl: Workload, repeats: int, quick: bool) -> Iterator[Row | str]:
     yield wl.name
     model, _ = minilm(wl.layers)
     cpu = torch.device("cpu")
@@ -208,9 +219,13 @@ def _bench_spectra(wl: Workload, repeats: int) -> Iterator[Row | str]:
     t, S = time_fn(lambda: loop_svdvals(model), repeats=reps, device=cpu)
     yield Row(wl.name, "torch.linalg.svdvals per weight", t * 1e3,
               errors={"top-k rel": max(_rel(S[n][:TOP_K], ref[n]) for n in ref)})
+    if not quick:  # full U of the 1536x384 weights: seconds
+        t, S = time_fn(lambda: loop_svd_defaults(model), repeats=1, warmup=0, device=cpu)
+        yield Row(wl.name, "torch.linalg.svd(W) defaults (full_matrices) per weight", t * 1e3,
+                  errors={"top-k rel": max(_rel(S[n][:TOP_K], ref[n]) for n in ref)}, note="timed once")
 
 
-def _bench_gradients(wl: Workload, repeats: int) -> Iterator[Row | str]:
+def _bench_gradients(wl: Workload, repeats: int, quick: bool) -> Iterator[Row | str]:
     yield wl.name
     model, tok = minilm(wl.layers)
     cpu = torch.device("cpu")
@@ -218,13 +233,13 @@ def _bench_gradients(wl: Workload, repeats: int) -> Iterator[Row | str]:
     t_loop, want = time_fn(lambda: loop_gradients(model, data), repeats=1, warmup=0, device=cpu)
     t, got = time_fn(lambda: ours_gradients(model, data), repeats=max(1, min(repeats, 3)), device=cpu)
     yield Row(wl.name, f"ours (gradient_spectra, batches of {wl.batch})", t * 1e3, kind="ours",
-              errors={"top-k rel": _rel(got, want, floor=1e-5)},
-              note="values below 1e-5·σ1 compared absolutely")
+              errors={"top-k rel": _rel(got, want, floor=1e-3)},
+              note="values < 1e-3·σ1: error over 1e-3·σ1")
     yield Row(wl.name, "papers' loop: per-sample backward + torch.linalg.svd", t_loop * 1e3,
               errors={"top-k rel": 0.0}, note="the reference of top-k rel; timed once")
 
 
-def _bench_heads(wl: Workload, repeats: int) -> Iterator[Row | str]:
+def _bench_heads(wl: Workload, repeats: int, quick: bool) -> Iterator[Row | str]:
     yield wl.name
     model, _ = minilm(wl.layers)
     cpu = torch.device("cpu")
@@ -242,4 +257,4 @@ def bench_analysis(quick: bool, repeats: int) -> Iterator[Row | str]:
     """Spectra, per-sample gradient spectra and head composition on MiniLM against the papers' loops."""
     run = {"spectra": _bench_spectra, "gradients": _bench_gradients, "heads": _bench_heads}
     for wl in workloads(quick):
-        yield from run[wl.what](wl, repeats)
+        yield from run[wl.what](wl, repeats, quick)

@@ -76,8 +76,8 @@ def test_spectra_writes_json_and_png(tmp_path: Path, capsys) -> None:
 
 def test_heads_as_a_subprocess_and_mnn(tmp_path: Path, capsys) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "svdkernels", "analyze", "heads", "--kind", "k", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    cmd = [sys.executable, "-m", "svdkernels", "analyze", "heads", "--kind", "k", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"wrote {tmp_path / 'heads.json'}" in proc.stdout
     doc = read(tmp_path, "heads")
