@@ -22,9 +22,9 @@ arguments (``model(**batch)``, e.g. a tokenizer's ``BatchEncoding``), a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -259,7 +259,10 @@ class LayerStats:
     ``[N]`` float64, the row Fisher of FWSVD (Hsu et al. 2022):
     ``Σ_batches Σ_j (∂L/∂W_ij)²`` per output row ``i``; with ``sensitivity``,
     ``out_grad_sq = Σ_batches ‖∂L/∂Y‖²_F`` (how much the loss moves with the layer's
-    output ``Y``) and ``out_sq = ‖Y − bias‖²_F`` over every row.
+    output ``Y``) and ``out_sq = ‖Y − bias‖²_F``, both over the ``backward_rows``
+    rows of the batches that ran backward; ``out_gram`` ``[N, N]`` float64
+    ``Σ (y − bias)ᵀ(y − bias)`` over every row (``= W·XᵀX·Wᵀ``, the input Gram seen
+    from the output side: far cheaper when ``N < K``).
     """
 
     n_rows: int
@@ -268,6 +271,8 @@ class LayerStats:
     fisher: Optional[torch.Tensor] = None
     out_grad_sq: Optional[float] = None
     out_sq: Optional[float] = None
+    out_gram: Optional[torch.Tensor] = None
+    backward_rows: int = 0
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -321,21 +326,30 @@ def model_loss(output: Any, batch: Any) -> Optional[torch.Tensor]:
 
 
 class _StatsAccumulator:
-    def __init__(self, gram: bool, abs_mean: bool) -> None:
-        self.want_gram, self.want_abs = gram, abs_mean
+    def __init__(self, gram: bool, abs_mean: bool, out_gram: bool) -> None:
+        self.want_gram, self.want_abs, self.want_out_gram = gram, abs_mean, out_gram
         self.gram: Optional[torch.Tensor] = None
+        self.out_gram: Optional[torch.Tensor] = None
+        self.backward_rows = 0
         self.abs_sum: Optional[torch.Tensor] = None
         self.fisher: Optional[torch.Tensor] = None
         self.out_grad_sq: Optional[float] = None
         self.out_sq: Optional[float] = None
         self.n = 0
 
+    def add_output(self, y: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        y64 = y.detach().reshape(-1, y.shape[-1]).double()
+        if bias is not None:
+            y64 = y64 - bias.detach().double()
+        g = y64.T @ y64
+        self.out_gram = g if self.out_gram is None else self.out_gram.add_(g)
+
     def add(self, parts: tuple[int, Optional[torch.Tensor], Optional[torch.Tensor]]) -> None:
         n, g, a = parts
         self.n += n
-        if g is not None:
+        if g is not None and self.want_gram:
             self.gram = g.clone() if self.gram is None else self.gram.add_(g)
-        if a is not None:
+        if a is not None and self.want_abs:
             self.abs_sum = a.clone() if self.abs_sum is None else self.abs_sum.add_(a)
 
 
@@ -344,12 +358,14 @@ def collect_layer_stats(
     modules: Mapping[str, nn.Module],
     calib_batches: Iterable[Any],
     *,
-    gram: bool = False,
+    gram: Union[bool, Collection[str]] = False,
+    out_gram: Union[bool, Collection[str]] = False,
     abs_mean: bool = False,
     fisher: bool = False,
     sensitivity: bool = False,
     loss: Optional[LossFn] = None,
     seed: int = 0,
+    backward_batches: Optional[int] = None,
 ) -> dict[str, LayerStats]:
     """Run ``model`` on ``calib_batches`` once and gather, per linear layer of
     ``modules``, the input Gram (float64), ``Σ|x|`` per channel and the row Fisher.
@@ -368,10 +384,15 @@ def collect_layer_stats(
         model: the float model.
         modules: ``{name: nn.Linear}`` to watch (submodules of ``model``).
         calib_batches: an iterable of batches (module docstring), consumed once.
-        gram, abs_mean, fisher, sensitivity: which statistics to gather
+        gram, out_gram: gather the input (output) Gram: for every layer (True), none
+            (False) or the layers named.
+        abs_mean, fisher, sensitivity: which other statistics to gather
             (:class:`LayerStats`).
         loss: ``fn(output, batch) -> scalar`` for the Fisher and the sensitivity.
         seed: seed of the default probe loss.
+        backward_batches: with ``fisher``/``sensitivity``, only the first this many
+            batches run backward (None: all); the others run forward only, without
+            gradients, for the remaining statistics.
 
     Returns:
         ``{name: LayerStats}`` for every module called at least once.
@@ -380,20 +401,26 @@ def collect_layer_stats(
         ValueError: ``calib_batches`` is empty; the loss is not a finite scalar.
         TypeError: ``calib_batches`` is not an iterable of batches.
     """
-    accs = {name: _StatsAccumulator(gram, abs_mean) for name in modules}
+    def wanted(flag: Union[bool, Collection[str]], name: str) -> bool:
+        return flag if isinstance(flag, bool) else name in flag
+
+    accs = {name: _StatsAccumulator(wanted(gram, name), abs_mean, wanted(out_gram, name)) for name in modules}
     # Per batch: input tensor (held, so its id cannot be reused) -> its contributions.
     cache: dict[int, tuple[torch.Tensor, tuple]] = {}
 
     def hook(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        acc = accs[name]
         hit = cache.get(id(x))
-        if hit is None or hit[0] is not x:
+        if hit is None or hit[0] is not x or (acc.want_gram and hit[1][1] is None):
             x2 = x.detach().reshape(-1, x.shape[-1])
             x64 = x2.double()
-            g = x64.T @ x64 if gram else None
+            g = x64.T @ x64 if acc.want_gram else None
             a = x64.abs().sum(0) if abs_mean else None
             hit = (x, (x2.shape[0], g, a))
             cache[id(x)] = hit
-        accs[name].add(hit[1])
+        acc.add(hit[1])
+        if acc.want_out_gram:
+            acc.add_output(y, getattr(modules[name], "bias", None))
 
     if not (fisher or sensitivity):
         def clear_cache(*_: Any) -> None:
@@ -406,13 +433,15 @@ def collect_layer_stats(
             finally:
                 pre.remove()
     else:
-        _backward_pass(model, modules, calib_batches, accs, hook, cache, loss, seed, fisher, sensitivity)
-    return {name: LayerStats(a.n, a.gram, a.abs_sum, a.fisher, a.out_grad_sq, a.out_sq) for name, a in accs.items() if a.n > 0}
+        _backward_pass(model, modules, calib_batches, accs, hook, cache, loss, seed, fisher, sensitivity,
+                       backward_batches)
+    return {name: LayerStats(a.n, a.gram, a.abs_sum, a.fisher, a.out_grad_sq, a.out_sq, a.out_gram, a.backward_rows)
+            for name, a in accs.items() if a.n > 0}
 
 
 def _backward_pass(model: nn.Module, modules: Mapping[str, nn.Module], calib_batches: Iterable[Any],
                    accs: dict[str, _StatsAccumulator], hook: Hook, cache: dict, loss: Optional[LossFn],
-                   seed: int, fisher: bool, sensitivity: bool) -> None:
+                   seed: int, fisher: bool, sensitivity: bool, backward_batches: Optional[int]) -> None:
     if not isinstance(calib_batches, Iterable) or isinstance(calib_batches, (torch.Tensor, str, Mapping)):
         raise TypeError("calib_batches: expected an iterable of batches (e.g. a list), "
                         f"got {type(calib_batches).__name__}")
@@ -425,24 +454,32 @@ def _backward_pass(model: nn.Module, modules: Mapping[str, nn.Module], calib_bat
 
     def hook_and_keep(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         hook(name, x, y)
-        if sensitivity:
+        if sensitivity and y.requires_grad:
             outputs[name] = y
             b = getattr(modules[name], "bias", None)
             sq = float((y.detach() - b.detach() if b is not None else y.detach()).double().square().sum())
-            accs[name].out_sq = (accs[name].out_sq or 0.0) + sq
+            acc = accs[name]
+            acc.out_sq = (acc.out_sq or 0.0) + sq
+            acc.backward_rows += y.numel() // y.shape[-1]
 
     try:
         for w in weights:
             w.requires_grad_(True)
-        with torch.enable_grad(), eval_mode(model), output_hooks(modules, hook_and_keep):
+        with eval_mode(model), output_hooks(modules, hook_and_keep):
             for batch in calib_batches:
                 cache.clear()
-                if isinstance(batch, Mapping):
-                    out = model(**batch)
-                elif isinstance(batch, (tuple, list)):
-                    out = model(*batch)
-                else:
-                    out = model(batch)
+                backward = backward_batches is None or n < backward_batches
+                with torch.set_grad_enabled(backward):
+                    if isinstance(batch, Mapping):
+                        out = model(**batch)
+                    elif isinstance(batch, (tuple, list)):
+                        out = model(*batch)
+                    else:
+                        out = model(batch)
+                if not backward:
+                    outputs.clear()
+                    n += 1
+                    continue
                 value = loss(out, batch) if loss is not None else model_loss(out, batch)
                 if value is None:
                     value = probe(out, batch)

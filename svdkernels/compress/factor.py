@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Spectrum", "check_gram", "factors", "left_spectrum", "shared_spectrum", "shared_factors", "whitening",
+__all__ = ["Spectrum", "check_gram", "factors", "output_spectrum", "left_spectrum", "shared_spectrum", "shared_factors", "whitening",
            "refit_up"]
 
 
@@ -77,6 +77,13 @@ def left_spectrum(W: torch.Tensor, *, p: Optional[torch.Tensor] = None, P: Optio
         WL = W
     lam, V = _eigh_desc(WL.mT @ WL)
     U = (WL @ V) / _safe(lam).sqrt().unsqueeze(-2)
+    return Spectrum(lam, U)
+
+
+def output_spectrum(C: torch.Tensor) -> Spectrum:
+    """Spectrum from ``C = W·P·Wᵀ [B, m, m]`` given directly (for SVD-LLM the Gram
+    of the layer's outputs, ``Σ yᵀy = W·XᵀX·Wᵀ``)."""
+    lam, U = _eigh_desc(C)
     return Spectrum(lam, U)
 
 

@@ -35,6 +35,7 @@ from svdkernels.compress.factor import (
     check_gram,
     factors,
     left_spectrum,
+    output_spectrum,
     refit_up,
     shared_factors,
     shared_spectrum,
@@ -169,7 +170,7 @@ def compress_model(
     if keep >= 1:
         return model
     units = _units(layers, method, opts)
-    stats = _stats(model, layers, calib_batches, method, opts, sensitivity=budget == "global")
+    stats = _stats(model, layers, units, calib_batches, method, opts, sensitivity=budget == "global")
     plans = _spectra(layers, units, stats, method, opts)
     allocate = allocate_global if budget == "global" else allocate_uniform
     ranks = allocate([p.unit for p in plans], keep)
@@ -207,13 +208,26 @@ def _units(layers: dict[str, nn.Linear], method: str, opts: dict[str, Any]) -> l
     return units
 
 
-def _stats(model: nn.Module, layers: dict[str, nn.Linear], calib_batches: Any, method: str,
-           opts: dict[str, Any], sensitivity: bool) -> dict[str, LayerStats]:
+SENSITIVITY_BATCHES = 4
+"""Batches that run backward for the global budget's sensitivities (one scalar per
+layer: a few batches estimate it; FWSVD's Fisher uses every batch)."""
+
+
+def _stats(model: nn.Module, layers: dict[str, nn.Linear], units: list[list[str]], calib_batches: Any,
+           method: str, opts: dict[str, Any], sensitivity: bool) -> dict[str, LayerStats]:
     if method == "svd":
         return {}
+    # SVD-LLM on a layer with fewer outputs than inputs needs only W·XᵀX·Wᵀ, the Gram
+    # of its outputs (m×m), not the input Gram (n×n): 16x less work for an MLP's down
+    # projection. Shared bases need the input Grams.
+    single = {ns[0] for ns in units if len(ns) == 1}
+    out_side = {n for n in single if layers[n].out_features < layers[n].in_features}
+    whiten = method in ("svd_llm", "basis_sharing")
     stats = collect_layer_stats(
-        model, layers, calib_batches, gram=method in ("svd_llm", "basis_sharing"), abs_mean=method == "asvd",
-        fisher=method == "fwsvd", sensitivity=sensitivity, loss=opts["loss"], seed=opts["seed"])
+        model, layers, calib_batches, gram={n for n in layers if n not in out_side} if whiten else False,
+        out_gram=out_side if whiten else False, abs_mean=method == "asvd", fisher=method == "fwsvd",
+        sensitivity=sensitivity, loss=opts["loss"], seed=opts["seed"],
+        backward_batches=None if method == "fwsvd" else SENSITIVITY_BATCHES)
     missing = [n for n in layers if n not in stats or (method == "fwsvd" and stats[n].fisher is None)]
     if missing:
         raise ValueError(f"calib_batches: layers {missing[:4]} saw no input (or got no gradient) while the "
@@ -240,7 +254,8 @@ def _layer_weight(stats: dict[str, LayerStats], layers: dict[str, nn.Linear], na
     st = stats.get(name)
     if st is None or st.out_grad_sq is None or st.out_sq is None:
         return 1.0
-    return st.out_sq * st.out_grad_sq / (st.n_rows * layers[name].out_features)
+    rows = max(st.backward_rows, 1)
+    return st.out_sq / rows * st.out_grad_sq / (rows * layers[name].out_features)
 
 
 def _spectra(layers: dict[str, nn.Linear], units: list[list[str]], stats: dict[str, LayerStats], method: str,
@@ -270,15 +285,22 @@ def _spectra(layers: dict[str, nn.Linear], units: list[list[str]], stats: dict[s
             spec = left_spectrum(W, p=p)
             G = None
         elif method in ("svd_llm", "basis_sharing"):
-            G0 = _gram(stats, names, device)
-            if m <= n:
-                # No Cholesky factor is needed on this side (factor.py), hence no shift:
-                # the truncation is optimal for the Gram itself, singular or not, and the
-                # least-squares update of ``up`` is the identity.
+            if m < n:
+                # W·XᵀX·Wᵀ is the output Gram: its eigenvectors are U (factor.py). No
+                # Cholesky factor is needed on this side, hence no shift: the truncation
+                # is optimal for the Gram itself, singular or not, and the least-squares
+                # update of ``up`` is the identity.
+                C = torch.stack([stats[x].out_gram for x in names]).to(device)
+                check_gram(C, names)
+                spec = output_spectrum(C / C.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[:, None, None])
+                G = None
+            elif m == n:
+                G0 = _gram(stats, names, device)
                 check_gram(G0, names)
                 spec = left_spectrum(W, P=G0)
                 G = None
             else:
+                G0 = _gram(stats, names, device)
                 G, L, shifted = whitening(G0, names)
                 spec = left_spectrum(W, P=G, L=L)
                 # The update changes ``up`` only where the whitening was shifted (else
