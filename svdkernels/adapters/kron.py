@@ -119,6 +119,9 @@ class KronLinear(nn.Module):
             raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
         if not base.weight.is_floating_point():
             raise TypeError(f"base: expected a floating-point weight, got {base.weight.dtype}")
+        if min(base.in_features, base.out_features) < 1:
+            raise ValueError(f"base: expected in_features and out_features >= 1, got {base.out_features}x"
+                             f"{base.in_features}")
         if init not in ("soka", "lokr"):
             raise ValueError(f"init: expected 'soka' or 'lokr', got {init!r}")
         out_f, in_f = base.out_features, base.in_features
