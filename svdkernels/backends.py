@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import os
 from collections.abc import Iterator
+from typing import Optional
 
 import torch
 
@@ -84,16 +85,26 @@ def cpp_available() -> bool:
     return True
 
 
-def select_backend(op: str, device: torch.device, *, has_cpp: bool = False) -> str:
-    """The backend op ``op`` runs on for tensors on ``device``.
+def select_backend(
+    op: str,
+    device: torch.device,
+    *,
+    has_cpp: bool = False,
+    dtype: Optional[torch.dtype] = None,
+    triton_dtypes: Optional[tuple[torch.dtype, ...]] = None,
+) -> str:
+    """The backend op ``op`` runs on for tensors on ``device``: the one place that decides.
 
-    Raises ``RuntimeError`` when a forced backend cannot run there (for example
-    ``triton`` for CPU tensors without the interpreter), rather than silently
-    falling back to another one.
+    ``triton_dtypes``: the dtypes the family's Triton kernels support; a call with
+    another ``dtype`` (float64, say) runs on the reference by default. Raises
+    ``RuntimeError`` when a forced backend cannot run the call (for example
+    ``triton`` for CPU tensors without the interpreter, or for an unsupported dtype),
+    rather than silently falling back to another one.
     """
+    triton_ok = triton_dtypes is None or dtype is None or dtype in triton_dtypes
     name = requested_backend()
     if name is None:
-        if device.type == "cuda" and triton_available():
+        if device.type == "cuda" and triton_ok and triton_available():
             return "triton"
         if device.type == "cpu" and has_cpp and cpp_available():
             return "cpp"
@@ -106,6 +117,9 @@ def select_backend(op: str, device: torch.device, *, has_cpp: bool = False) -> s
                 f"{op}: backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
                 f"before triton is imported to run on {device.type}"
             )
+        if not triton_ok:
+            names = ", ".join(str(d).removeprefix("torch.") for d in triton_dtypes or ())
+            raise RuntimeError(f"{op}: the triton backend supports {names}, got {dtype}")
     if name == "cpp" and not (has_cpp and cpp_available()):
         raise RuntimeError(f"{op}: backend 'cpp' requested but {op} has no built C++ kernel")
     return name

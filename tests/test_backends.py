@@ -57,3 +57,16 @@ def test_import_is_lazy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_dtypes_the_triton_kernels_lack_go_to_the_reference(monkeypatch):
+    # The op module decides: a CUDA call in a dtype the family's kernels do not
+    # compute in runs on the reference by default, and forcing triton is an error.
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setattr(backends, "triton_available", lambda: True)
+    cuda, supported = torch.device("cuda"), (torch.float32, torch.bfloat16)
+    assert backends.select_backend("op", cuda, dtype=torch.float32, triton_dtypes=supported) == "triton"
+    assert backends.select_backend("op", cuda, dtype=torch.float64, triton_dtypes=supported) == "reference"
+    monkeypatch.setattr(backends, "triton_interpreted", lambda: True)
+    with backends.use_backend("triton"), pytest.raises(RuntimeError, match="float32, bfloat16, got torch.float64"):
+        backends.select_backend("op", cuda, dtype=torch.float64, triton_dtypes=supported)

@@ -138,6 +138,12 @@ def _run_ours(x: torch.Tensor, qweight, scales, L_down, L_up) -> torch.Tensor:
     return lowrank_w4a16_linear(x, qweight, scales, L_down=L_down, L_up=L_up)
 
 
+def _run_op(x: torch.Tensor, qweight, scales, L_down, L_up) -> torch.Tensor:
+    # The same computation through the registered op: the eager fast path of
+    # lowrank_w4a16_linear skips only this custom-op layer (ops/lowrank_quant.py).
+    return torch.ops.svdkernels.lowrank_w4a16_linear(x, qweight, scales, L_down, L_up, None)
+
+
 def _dense(dtype: torch.dtype) -> Callable[[Layer], tuple[torch.Tensor, ...]]:
     def prepare(lay: Layer) -> tuple[torch.Tensor, ...]:
         return ((lay.residual() + lay.L_up @ lay.L_down).to(dtype),)
@@ -167,6 +173,8 @@ OURS = "ours (lowrank_w4a16_linear)"
 METHODS = (
     Method(OURS, "ours", _ours(torch.bfloat16, True), _run_ours, torch.bfloat16, note="bf16 act, int4 + r32"),
     Method("ours, float32 act", "ours", _ours(torch.float32, True), _run_ours, torch.float32, note="fp32 act, int4 + r32"),
+    Method("ours through torch.ops", "bare", _ours(torch.bfloat16, True), _run_op, torch.bfloat16,
+           note="same call via the custom-op layer (what the eager fast path skips)"),
     Method("ours without branch", "bare", _ours(torch.bfloat16, False), _run_ours, torch.bfloat16, branch=False,
            note="bf16 act, int4, r=0"),
     Method("F.linear fp32", "peer", _dense(torch.float32), _run_dense, torch.float32, note="dequantised weight"),

@@ -202,6 +202,9 @@ def check_seqlens_values(cache_seqlens: Optional[torch.Tensor], T: int) -> None:
 # ---------------------------------------------------------------------------
 # The op
 
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""What the Triton kernel computes in; float64 runs on the reference unless triton is forced."""
+
 
 @torch.library.custom_op("svdkernels::lowrank_attention", mutates_args=())
 def lowrank_attention_op(
@@ -228,7 +231,7 @@ def lowrank_attention_op(
     check_seqlens_values(cache_seqlens, k_latent.shape[1])
     args = (q, k_latent, v_latent, k_basis, v_basis, cache_seqlens, causal, sm_scale,
             rope, rope_theta, rope_scaling, rope_layout, rotary_dim)
-    if select_backend("lowrank_attention", q.device) == "triton":
+    if select_backend("lowrank_attention", q.device, dtype=q.dtype, triton_dtypes=TRITON_DTYPES) == "triton":
         # Imported on first use: importing svdkernels never imports triton.
         from svdkernels.triton import lowrank_attention as kernels
 

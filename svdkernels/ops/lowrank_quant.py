@@ -29,6 +29,7 @@ import torch
 from svdkernels.backends import select_backend
 from svdkernels.formats.int4 import (
     GROUP_SIZE,
+    dequantize_weight,
     check_float,
     check_group_dim,
     check_packed,
@@ -227,12 +228,10 @@ def lowrank_w4a16_linear_op(
 ) -> torch.Tensor:
     """``torch.ops.svdkernels.lowrank_w4a16_linear``; see :func:`lowrank_w4a16_linear`."""
     validate_w4a16(x, qweight, scales, L_down, L_up, bias)
-    backend = select_backend("lowrank_w4a16_linear", x.device, has_cpp=True)
-    return _w4a16(backend, x, qweight, scales, L_down, L_up, bias)
+    return _dispatch_w4a16(x, qweight, scales, L_down, L_up, bias)
 
 
-def _w4a16(
-    backend: str,
+def _dispatch_w4a16(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -240,7 +239,9 @@ def _w4a16(
     L_up: torch.Tensor,
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """Run ``lowrank_w4a16_linear`` on ``backend`` (inputs already validated)."""
+    """Choose the backend of ``lowrank_w4a16_linear`` and run it (inputs validated):
+    the op's body, and the eager fast path of :func:`lowrank_w4a16_linear`."""
+    backend = select_backend("lowrank_w4a16_linear", x.device, has_cpp=True)
     if backend == "cpp":
         if x.dim() == 2:
             return _cpp_w4a16()(x, qweight, scales, L_down, L_up, bias, -1)
@@ -262,6 +263,36 @@ def _cpp_w4a16() -> Callable[..., torch.Tensor]:
 def _(x, qweight, scales, L_down, L_up, bias):
     validate_w4a16(x, qweight, scales, L_down, L_up, bias)
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def _w4a16_setup_context(ctx, inputs, output) -> None:
+    x, qweight, scales, L_down, L_up, bias = inputs
+    ctx.save_for_backward(x, qweight, scales, L_down, L_up)
+
+
+def _w4a16_backward(ctx, grad: torch.Tensor):
+    """Gradients of ``y = x·Wᵀ + (x·L_downᵀ)·L_upᵀ + b`` for ``x``, ``L_down``, ``L_up``
+    and ``b`` (QLoRA-style training on a 4-bit base); the int4 weight is frozen.
+    ``∂x = g·W + (g·L_up)·L_down`` dequantises ``W`` once, in the dtype of ``x``."""
+    x, qweight, scales, L_down, L_up = ctx.saved_tensors
+    need_x, _, _, need_down, need_up, need_bias = ctx.needs_input_grad
+    g = grad.reshape(-1, grad.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    gu = g @ L_up if (need_x or need_down) else None  # [M, r]
+    dx = d_down = d_up = d_bias = None
+    if need_x:
+        W = dequantize_weight(qweight, scales, dtype=x.dtype)
+        dx = torch.addmm(g @ W, gu, L_down).reshape(x.shape)
+    if need_down:
+        d_down = gu.T @ x2
+    if need_up:
+        d_up = g.T @ (x2 @ L_down.T)
+    if need_bias:
+        d_bias = g.sum(0)
+    return dx, None, None, d_down, d_up, d_bias
+
+
+lowrank_w4a16_linear_op.register_autograd(_w4a16_backward, setup_context=_w4a16_setup_context)
 
 
 def lowrank_w4a16_linear(
@@ -299,15 +330,17 @@ def lowrank_w4a16_linear(
         y = svdkernels.quant.lowrank_w4a16_linear(x, qweight, scales, L_down=L_down, L_up=L_up, bias=b)
     """
     validate_w4a16(x, qweight, scales, L_down, L_up, bias)
-    if not torch.compiler.is_compiling():
-        backend = select_backend("lowrank_w4a16_linear", x.device, has_cpp=True)
-        if backend == "cpp":
-            # Eager decoding fast path: the C++ kernel directly, the very call the
-            # op makes (identical results). The Python custom-op layer costs about
-            # 30 us per call here, as much as the kernel takes for a 512x1024 layer;
-            # torch.compile and torch.ops users still see the op itself.
-            return _w4a16(backend, x, qweight, scales, L_down, L_up, bias)
+    if not torch.compiler.is_compiling() and not _needs_grad(x, L_down, L_up, bias):
+        # Eager inference fast path: the op's own dispatch function, without the
+        # custom-op layer, whose Python overhead is as long as the C++ kernel on a
+        # small decoding layer (measured in bench family lowrank_quant: "op call"
+        # row). torch.compile, torch.ops and autograd users go through the op.
+        return _dispatch_w4a16(x, qweight, scales, L_down, L_up, bias)
     return torch.ops.svdkernels.lowrank_w4a16_linear(x, qweight, scales, L_down, L_up, bias)
+
+
+def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ---------------------------------------------------------------------------

@@ -60,7 +60,6 @@ import torch
 import triton
 import triton.language as tl
 
-from svdkernels.backends import requested_backend
 from svdkernels.reference import lowrank_attention as reference
 from svdkernels.triton.common import CompileCase, PTR, dot_acc, interpreted, sm_count
 
@@ -316,15 +315,10 @@ def lowrank_attention(
     ``absorb``: scores over the latents (MLA); ``None`` absorbs whenever keys carry no
     RoPE (the same product, no key reconstruction). ``config`` / ``num_splits``
     override :func:`pick_config` / the automatic split count (tests use them to span
-    several tiles and splits). float64 runs on the reference unless triton is forced.
+    several tiles and splits). The op sends float64 to the reference.
     """
-    args = (q, k_latent, v_latent, k_basis, v_basis, cache_seqlens, causal, sm_scale,
-            rope, rope_theta, rope_scaling, rope_layout, rotary_dim)
-    if q.dtype not in _COMPUTE:
-        if requested_backend() == "triton":
-            raise RuntimeError(f"lowrank_attention: the triton backend supports float32, bfloat16 and "
-                               f"float16, got {q.dtype}")
-        return reference.lowrank_attention(*args)
+    if q.dtype not in _COMPUTE:  # the op dispatches other dtypes elsewhere (ops/lowrank_attention.py)
+        raise ValueError(f"q: the triton kernel computes in float32, bfloat16 or float16, got {q.dtype}")
     if absorb is None:
         absorb = not rope
     if absorb and rope:

@@ -354,6 +354,43 @@ def test_opcheck(backend):
         )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_w4a16_gradients_match_the_dequantised_layer(backend, bias):
+    # QLoRA-style training on a 4-bit base: x, L_down, L_up and bias get the gradients
+    # of y = x·deq(W)ᵀ + (x·L_downᵀ)·L_upᵀ + b (float32, so torch's autograd of the
+    # dequantised layer is the oracle); the packed weight gets none.
+    qweight, scales, L_down, L_up, b = random_w4a16_layer(24, 128, 16, torch.float32, bias=bias, seed=3)
+    x = torch.randn(2, 5, 128, generator=torch.Generator().manual_seed(4))
+    g = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(5))
+    leaves = [t.clone().requires_grad_() for t in (x, L_down, L_up) + ((b,) if bias else ())]
+    with svdkernels.use_backend(backend):
+        y = svdkernels.lowrank_w4a16_linear(leaves[0], qweight, scales, L_down=leaves[1], L_up=leaves[2],
+                                            bias=leaves[3] if bias else None)
+    ours = torch.autograd.grad(y, leaves, g)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    W = dequantize_weight(qweight, scales, dtype=torch.float64)
+    xr, Ld, Lu = ref_leaves[:3]
+    y_ref = xr @ W.T + (xr @ Ld.T) @ Lu.T + (ref_leaves[3] if bias else 0)
+    expected = torch.autograd.grad(y_ref, ref_leaves, g.double())
+    for name, got, want in zip(("x", "L_down", "L_up", "bias"), ours, expected):
+        assert got.dtype == torch.float32 and got.shape == want.shape, name
+        # float32 products of K = 128 (or M = 10, N = 24) terms: well inside 1e-5 relative.
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=name)
+
+
+def test_w4a16_eager_fast_path_keeps_autograd():
+    # The eager fast path (no custom-op layer) is taken only when nothing needs a gradient.
+    qweight, scales, L_down, L_up, b = random_w4a16_layer(24, 128, 16, torch.float32)
+    x = torch.randn(3, 128, requires_grad=True)
+    y = svdkernels.lowrank_w4a16_linear(x, qweight, scales, L_down=L_down, L_up=L_up, bias=b)
+    assert y.grad_fn is not None
+    with torch.no_grad():
+        y2 = svdkernels.lowrank_w4a16_linear(x, qweight, scales, L_down=L_down, L_up=L_up, bias=b)
+    assert y2.grad_fn is None
+    torch.testing.assert_close(y.detach(), y2, rtol=0, atol=0)
+
+
 def test_torch_compile_fullgraph():
     qweight, scales, L_down, L_up, b = random_w4a16_layer(32, 128, 16, torch.float32)
     smooth = torch.rand(128) + 0.5
