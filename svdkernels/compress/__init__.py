@@ -5,16 +5,21 @@ from svdkernels.compress.budget import Unit, allocate_global, allocate_uniform
 from svdkernels.compress.io import load_compressed, save_compressed
 from svdkernels.compress.linear import LowRankLinear
 from svdkernels.compress.model import BUDGETS, METHODS, SHARED_KINDS, compress_model, layer_kind
+from svdkernels.compress.moe import MOE_METHODS, LowRankExperts, compress_experts, kmeans_cosine
 
 __all__ = [
     "BUDGETS",
     "METHODS",
+    "MOE_METHODS",
+    "LowRankExperts",
     "SHARED_KINDS",
     "LowRankLinear",
     "Unit",
     "allocate_global",
     "allocate_uniform",
+    "compress_experts",
     "compress_model",
+    "kmeans_cosine",
     "layer_kind",
     "load_compressed",
     "save_compressed",
