@@ -93,6 +93,13 @@ def _method_options(method: str, kw: dict[str, Any]) -> dict[str, Any]:
     g = opts["group_size"]
     if isinstance(g, bool) or not isinstance(g, int) or g < 1:
         raise ValueError(f"group_size: expected an int >= 1, got {g!r}")
+    sh = opts["shared"]
+    if not isinstance(sh, str):
+        if not isinstance(sh, Sequence) or not all(isinstance(t, str) for t in sh):
+            raise TypeError(f"shared: expected a regex string or a list of layer-name suffixes, got {sh!r}")
+        opts["shared"] = list(sh)
+    if not isinstance(opts["refit"], bool):
+        raise TypeError(f"refit: expected a bool, got {type(opts['refit']).__name__}")
     if opts["loss"] is not None and not callable(opts["loss"]):
         raise TypeError(f"loss: expected a callable fn(output, batch) -> scalar, got {type(opts['loss']).__name__}")
     return opts
@@ -198,7 +205,7 @@ def _units(layers: dict[str, nn.Linear], method: str, opts: dict[str, Any]) -> l
     by_kind: dict[tuple, list[str]] = {}
     units: list[list[str]] = []
     for n, m in layers.items():
-        if matches(n, list(opts["shared"])):
+        if matches(n, opts["shared"]):
             by_kind.setdefault((layer_kind(n), tuple(m.weight.shape), m.weight.dtype, m.weight.device), []).append(n)
         else:
             units.append([n])
