@@ -180,13 +180,18 @@ def _batches(args, model_dir: Path, causal: bool, device) -> tuple[list[dict], l
         chunk = texts[i:i + args.batch_size]
         prompts = [t.split("\t", 1)[0] if "\t" in t else "" for t in chunk]
         full = [t.replace("\t", " ") for t in chunk]
-        enc = tok(full, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
+        enc = tok(full, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt",
+                  return_offsets_mapping=bool(getattr(tok, "is_fast", False)))
         batch = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         mask = batch["attention_mask"]
         if causal:
             labels = batch["input_ids"].masked_fill(mask == 0, -100)
             for b, p in enumerate(prompts):  # the loss is on the response tokens only
-                if p:
+                if not p:
+                    continue
+                if "offset_mapping" in enc:  # tokens that start inside the prompt's characters
+                    labels[b, enc["offset_mapping"][b, :, 0].to(device) < len(p)] = -100
+                else:
                     labels[b, :len(tok(p)["input_ids"])] = -100
             batch["labels"] = labels
             targets.append(None)

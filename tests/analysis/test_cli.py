@@ -136,3 +136,47 @@ def test_bad_arguments(tmp_path: Path, capsys) -> None:
     assert proc.returncode == 2 and "--samples: expected a positive integer, got 0" in proc.stderr
     proc = analyze("nothing", capsys=capsys)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_a_local_causal_lm_directory(tmp_path: Path, capsys) -> None:
+    # A tiny GPT-2 (fused c_attn, Conv1D) saved with MiniLM's tokenizer: the causal-LM path,
+    # prompt<TAB>response samples from --text, and the gpt2 layout, end to end.
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  bos_token_id=101, eos_token_id=102)
+    model_dir = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(model_dir)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_dir() / f, model_dir / f)
+    text = tmp_path / "samples.txt"
+    text.write_text("What is two plus two?\tFour.\nName a colour.\tBlue, like the sky.\n")
+    proc = analyze("gradients", "--model", str(model_dir), "--text", str(text), "--samples", "2", "--top-k", "3",
+                   "--out", str(tmp_path), capsys=capsys)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = read(tmp_path, "gradients")
+    assert doc["settings"]["loss"] == "causal LM on response tokens"
+    assert list(doc["targets"]) == [f"layers.{i}.{r}" for i in range(2) for r in "qkvo"]
+    assert all(n > 0 for t in doc["targets"].values() for n in t["nuclear_norm"])
+    proc = analyze("heads", "--model", str(model_dir), "--kind", "v", "--out", str(tmp_path), capsys=capsys)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (read(tmp_path, "heads")["layers"], read(tmp_path, "heads")["heads"]) == (2, 4)
+
+
+def test_causal_labels_cover_the_response_only(tmp_path: Path) -> None:
+    import argparse
+
+    from svdkernels.analysis import cli
+
+    text = tmp_path / "samples.txt"
+    text.write_text("What is two plus two?\tFour.\nno prompt here\n")
+    args = argparse.Namespace(text=text, samples=2, batch_size=2, max_length=32)
+    (batch,), _ = cli._batches(args, minilm_dir(), True, torch.device("cpu"))
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    kept = [tok.convert_ids_to_tokens(batch["input_ids"][b][batch["labels"][b] != -100]) for b in range(2)]
+    assert kept[0] == ["four", "."]  # [CLS], the prompt and [SEP] (offset 0) carry no loss
+    assert kept[1] == tok.convert_ids_to_tokens(tok("no prompt here")["input_ids"])  # no prompt: every token
