@@ -32,7 +32,8 @@ def unit_scale(Y: torch.Tensor) -> torch.Tensor:
     ``Y`` is ``[B, r, c]``. All-zero (or non-finite) matrices get 1, so they pass
     through unchanged. Power-of-two scaling is exact (no rounding of ``Y``).
     """
-    amax = Y.abs().amax(dim=(-2, -1), keepdim=True)
+    # One fused reduction (no |Y| temporary): this runs on every basis of the range finder.
+    amax = torch.linalg.vector_norm(Y, ord=float("inf"), dim=(-2, -1), keepdim=True)
     _, e = torch.frexp(amax)
     ok = torch.isfinite(amax) & (amax > 0)
     return torch.where(ok, torch.ldexp(torch.ones_like(amax), -e), torch.ones_like(amax))
