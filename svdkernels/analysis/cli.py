@@ -226,7 +226,7 @@ def _spectra(args, model, model_dir, causal, against, device, bar):
     from svdkernels.analysis import effective_rank, linear_modules, spectra, stable_rank
 
     bar.reset(total=len(linear_modules(model)))
-    S = spectra(model, progress=bar.update)
+    S = {n: s.cpu() for n, s in spectra(model, progress=bar.update).items()}  # plots and JSON read host memory
     layers = {}
     for name, s in S.items():
         w = dict(model.named_modules())[name].weight
@@ -260,7 +260,8 @@ def _intruders(args, model, model_dir, causal, against, device, bar):
     ft, _ = load_model(against, device)
     bar.reset(total=len(linear_modules(model)))
     try:
-        res = model_intruders(model, ft, k=args.top_k, eps=args.eps, progress=bar.update)
+        res = {n: type(r)(*(t.cpu() for t in r)) for n, r in
+               model_intruders(model, ft, k=args.top_k, eps=args.eps, progress=bar.update).items()}
     except ValueError as e:
         raise SystemExit(f"--against: {e}") from e
     layers = {name: {"layer": _layer_index(name), "count": int(r.count), "intruder": r.mask.tolist(),
@@ -310,6 +311,7 @@ def _gradients(args, model, model_dir, causal, against, device, bar):
     bar.reset(total=len(batches))
     try:
         g = gradient_spectra(model, batches, loss_fn=loss_fn, k=args.top_k, progress=bar.update)
+        g.nuclear_norm, g.effective_rank, g.top = g.nuclear_norm.cpu(), g.effective_rank.cpu(), g.top.cpu()
     except ValueError as e:
         raise SystemExit(f"--model: {e}") from e
     by_name = {name: {"nuclear_norm": g.nuclear_norm[i].tolist(), "effective_rank": g.effective_rank[i].tolist(),
@@ -347,6 +349,9 @@ def _heads(args, model, model_dir, causal, against, device, bar):
     except ValueError as e:
         raise SystemExit(f"--model: {e}") from e
     bar.update(1)
+    res.scores, res.writer_singular_values = res.scores.cpu(), res.writer_singular_values.cpu()
+    if res.components is not None:
+        res.components = res.components.cpu()
     L, H = res.scores.shape[:2]
     flat = res.scores.reshape(L * H, L * H)
     pairs = [(float(flat[a, b]), a, b) for a in range(L * H) for b in range(L * H) if not math.isnan(flat[a, b])]
@@ -385,7 +390,7 @@ def _mnn(args, model, model_dir, causal, against, device, bar):
             h = model(**kw, output_hidden_states=True).hidden_states[-1]
             scores.append(matrix_nuclear_norm_score(h, kw["attention_mask"]))
             bar.update(1)
-    s = torch.cat(scores)
+    s = torch.cat(scores).cpu()
 
     def plot(path: Path) -> None:
         plt, fig, axes = _figure(1, f"Matrix Nuclear-Norm score per sample (mean {float(s.mean()):.4f})")

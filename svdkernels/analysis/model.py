@@ -443,8 +443,8 @@ def composition_scores(
     Uw, Sw, _ = torch.linalg.svd(Xp, full_matrices=False)  # left vectors of W_OV = X' Q_Yᵀ
     b_norm = torch.linalg.matrix_norm(Bp)  # [L, H]
     x_norm = torch.linalg.matrix_norm(Xp)
-    scores = torch.full((L, H, L, H), math.nan, dtype=dtype)
-    comps = torch.full((L, H, dh, L, H), math.nan, dtype=dtype) if per_component else None
+    scores = torch.full((L, H, L, H), math.nan, dtype=dtype, device=Q.device)
+    comps = torch.full((L, H, dh, L, H), math.nan, dtype=dtype, device=Q.device) if per_component else None
     for i in range(L - 1):
         rd = Bp[i + 1:]  # readers of layers j > i: [Lj, H, dh, d]
         # Per component: B' u_c for every reader and writer head: [H_w, Lj, H_r, dh, dh(c)].
