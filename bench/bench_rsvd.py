@@ -40,3 +40,18 @@ def test_rsvd(benchmark, workload: family.Workload, method: str) -> None:
     torch.manual_seed(0)  # torch.svd_lowrank draws from the global generator
     factors = benchmark(spec.run, inputs, workload.rank)
     benchmark.extra_info.update(family.accuracy(workload, mats, factors))
+
+
+# Drop-in rows (issue 18): sparse, float64 and the accuracy mode, ours and the peer.
+VARIANT_CASES = [
+    pytest.param(v, id=f"{'quick' if quick else 'full'}-{v.name}".replace(" ", "_"))
+    for quick in (False, True)
+    for v in family.variant_workloads(quick)
+]
+
+
+@pytest.mark.parametrize("variant", VARIANT_CASES)
+def test_rsvd_variants(benchmark, variant: family.Variant) -> None:
+    rows = benchmark.pedantic(lambda: list(family._variant_rows(variant, 1, DEVICE)), rounds=1, iterations=1)
+    benchmark.extra_info.update({f"{r.method}: time_ms": r.time_ms for r in rows})
+    benchmark.extra_info.update({f"{r.method}: {k}": v for r in rows for k, v in r.errors.items()})

@@ -15,6 +15,13 @@ compared with the optimal rank-k error. For each workload, in the same run:
   same number of float32 products;
 - a roofline line: ``A`` read once per pass, ``2·m·n·width`` FLOPs per pass.
 
+Then the drop-in rows (issue 18), each against ``torch.svd_lowrank`` in the same run:
+
+- sparse ``A`` (COO; the same tensor for both, power-law row/column scales so the
+  spectrum decays): errors against a float64 block-Krylov reference;
+- float64 ``A`` (ours in float64: Householder QR, direct small SVD);
+- the accuracy mode: block Krylov against HMT at equal passes over ``A`` (poly d=0.5).
+
 The workload definitions and method callables here are reused by ``bench/bench_rsvd.py``.
 """
 from __future__ import annotations
@@ -384,11 +391,13 @@ LEGEND = (
     "for adapter init). sv err = max relative error of the top k/2 singular values. "
     "orth = max(|U'U - I|_F, |Vh Vh' - I|_F).\n"
     "bare / fp32 products = only our passes' products with A, computed as our backend does (pre-cast operands); "
-    "roofline = those passes at the device's peak FLOP/s and bandwidth."
+    "roofline = those passes at the device's peak FLOP/s and bandwidth.\n"
+    "sparse rows: err/ref = |A - U S Vh|_F over that of a float64 block-Krylov reference (n_iter 6), "
+    "sv err against its singular values; accuracy rows: equal passes over A for every method."
 )
 
 
-@register("rsvd", count=lambda quick: len(workloads(quick)), legend=LEGEND)
+@register("rsvd", count=lambda quick: len(workloads(quick)) + len(variant_workloads(quick)), legend=LEGEND)
 def bench_rsvd(quick: bool, repeats: int) -> Iterator[Row | str]:
     """Measure ours, each peer, the bare products and the roofline on every workload."""
     device = bench_device()
@@ -408,3 +417,120 @@ def bench_rsvd(quick: bool, repeats: int) -> Iterator[Row | str]:
         yield from _product_rows(wl, mats, plan, ours.time_ms, repeats)
         bytes_moved, flops = pass_cost(wl.groups, wl.rank, plan)
         yield roofline_row(wl.name, ours.time_ms / 1e3, bytes_moved, flops, peaks)
+    for v in variant_workloads(quick):
+        yield v.name
+        yield from _variant_rows(v, repeats, device)
+
+
+# ---------------------------------------------------------------------------
+# Drop-in rows (issue 18): sparse, float64, accuracy mode
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One drop-in workload: ``kind`` is ``"sparse"``, ``"float64"`` or ``"accuracy"``."""
+
+    kind: str
+    name: str
+    shape: tuple[int, ...]  # [m, n] (sparse) or [batch, m, n]
+    rank: int
+    density: float = 0.0
+    n_iter: int = N_ITER
+
+
+def variant_workloads(quick: bool) -> list[Variant]:
+    """The drop-in workloads; ``quick`` keeps each to about a second."""
+    if quick:
+        return [
+            Variant("sparse", "sparse COO 5000x2000 density 1e-2 k=8", (5000, 2000), 8, 1e-2),
+            Variant("float64", "float64 [2,256,256] k=8", (2, 256, 256), 8),
+            Variant("accuracy", "accuracy [2,256,256] k=8 d=0.5, 4 passes", (2, 256, 256), 8, n_iter=1),
+        ]
+    return [
+        Variant("sparse", "sparse COO 100000x50000 density 1e-3 k=16", (100_000, 50_000), 16, 1e-3),
+        Variant("sparse", "sparse COO 20000x10000 density 1e-2 k=16", (20_000, 10_000), 16, 1e-2),
+        Variant("sparse", "sparse COO 20000x10000 density 1e-3 k=16", (20_000, 10_000), 16, 1e-3),
+        Variant("float64", "float64 [4,1024,1024] k=32", (4, 1024, 1024), 32),
+        Variant("accuracy", "accuracy [8,1024,1024] k=32 d=0.5, 4 passes", (8, 1024, 1024), 32, n_iter=1),
+        Variant("accuracy", "accuracy [8,1024,1024] k=32 d=0.5, 6 passes", (8, 1024, 1024), 32, n_iter=2),
+    ]
+
+
+def power_law_sparse(m: int, n: int, density: float, seed: int = 0) -> torch.Tensor:
+    """Coalesced float32 COO ``[m, n]``: uniform positions, N(0, 1) values scaled by
+    ``(i+1)^-½·(j+1)^-½`` (power-law degrees, as a user-item matrix), so the spectrum decays."""
+    g = torch.Generator().manual_seed(seed)
+    nnz = int(m * n * density)
+    rows = torch.randint(0, m, (nnz,), generator=g)
+    cols = torch.randint(0, n, (nnz,), generator=g)
+    vals = torch.randn(nnz, generator=g) * ((rows + 1.0) * (cols + 1.0)).rsqrt() * math.sqrt(m)
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (m, n), check_invariants=False).coalesce()
+
+
+def sparse_errors(A: torch.Tensor, factors: Factors, ref: Factors) -> dict[str, float]:
+    """``err/ref`` and ``sv err`` of a sparse factorisation, never densifying ``A``.
+
+    ``‖A − U S Vh‖_F² = ‖A‖_F² − 2·Σ s_i u_iᵀ A v_i + Σ s_i²`` for orthonormal ``U``, ``V``,
+    in float64 (one sparse product per factorisation).
+    """
+    A64 = A.double()
+    norm2 = float(A64.values().pow(2).sum())
+
+    def err(f: Factors) -> float:
+        U, S, Vh = (t.double() for t in f)
+        AV = torch.sparse.mm(A64, Vh.mT.contiguous())  # [m, k]
+        return math.sqrt(max(norm2 - 2 * float(((U * AV).sum(0) * S).sum()) + float(S.pow(2).sum()), 0.0))
+
+    h = max(factors[1].shape[-1] // 2, 1)
+    S_ref = ref[1].double()[:h]
+    sv = float(((factors[1].double()[:h] - S_ref) / S_ref).abs().max())
+    return {"err/ref": err(factors) / err(ref), "sv err": sv}
+
+
+def _svd_lowrank_factors(A: torch.Tensor, k: int, niter: int) -> Factors:
+    torch.manual_seed(0)  # torch.svd_lowrank draws from the global generator
+    U, S, V = torch.svd_lowrank(A, q=k + OVERSAMPLE, niter=niter)
+    return U[..., :k], S[..., :k], V[..., :k].mT
+
+
+def _dense_errors(A64: torch.Tensor, S_true: torch.Tensor, f: Factors) -> dict[str, float]:
+    e = relative_errors(A64, *(t.cpu() for t in f), S_true)
+    return {"err/opt": float(e["ratio"].max()), "sv err": float(e["sv"].max()), "orth": float(e["orth"].max())}
+
+
+def _variant_rows(v: Variant, repeats: int, device: torch.device) -> Iterator[Row]:
+    k = v.rank
+    if v.kind == "sparse":
+        m, n = v.shape
+        A = power_law_sparse(m, n, v.density).to(device)
+        ref = svdkernels.rsvd(A.double(), k, oversample=20, n_iter=6, method="krylov", seed=1)
+        reps = min(repeats, 3)  # seconds per call at full size
+        t, f = time_fn(lambda: svdkernels.rsvd(A, k, seed=0), repeats=reps)
+        yield Row(v.name, OURS, t * 1e3, kind="ours", errors=sparse_errors(A, f, ref),
+                  note=f"oversample {OVERSAMPLE}, n_iter {N_ITER}; CSR copies of A and Aᵀ made inside",
+                  extra={"nnz": A._nnz()})
+        t, f = time_fn(lambda: _svd_lowrank_factors(A, k, N_ITER), repeats=reps)
+        yield Row(v.name, "torch.svd_lowrank", t * 1e3, errors=sparse_errors(A, f, ref),
+                  note=f"same COO tensor, q=k+{OVERSAMPLE}, niter={N_ITER}")
+        return
+    decay = 0.5 if v.kind == "accuracy" else 1.0
+    M = spectral_matrix("poly", v.shape[1], v.shape[2], batch=(v.shape[0],), decay=decay, seed=7)
+    dtype = torch.float64 if v.kind == "float64" else torch.float32
+    A = M.A.to(device=device, dtype=dtype)
+    if v.kind == "float64":
+        t, f = time_fn(lambda: svdkernels.rsvd(A, k, seed=0), repeats=repeats)
+        yield Row(v.name, OURS, t * 1e3, kind="ours", errors=_dense_errors(M.A, M.S, f), note="float64 throughout")
+        t, f = time_fn(lambda: _svd_lowrank_factors(A, k, N_ITER), repeats=repeats)
+        yield Row(v.name, "torch.svd_lowrank", t * 1e3, errors=_dense_errors(M.A, M.S, f),
+                  note=f"float64, q=k+{OVERSAMPLE}, niter={N_ITER}")
+        return
+    passes = 2 * v.n_iter + 2
+    t, f = time_fn(lambda: svdkernels.rsvd(A, k, n_iter=v.n_iter, method="krylov", seed=0), repeats=repeats)
+    yield Row(v.name, "ours, method='krylov'", t * 1e3, kind="ours", errors=_dense_errors(M.A, M.S, f),
+              note=f"block Krylov, n_iter={v.n_iter}: {passes} passes, basis {(v.n_iter + 1) * (k + OVERSAMPLE)} columns")
+    t, f = time_fn(lambda: svdkernels.rsvd(A, k, n_iter=v.n_iter, seed=0), repeats=repeats)
+    yield Row(v.name, "ours, method='hmt'", t * 1e3, errors=_dense_errors(M.A, M.S, f),
+              note=f"subspace iteration, n_iter={v.n_iter}: {passes} passes")
+    t, f = time_fn(lambda: _svd_lowrank_factors(A, k, v.n_iter), repeats=repeats)
+    yield Row(v.name, "torch.svd_lowrank", t * 1e3, errors=_dense_errors(M.A, M.S, f),
+              note=f"q=k+{OVERSAMPLE}, niter={v.n_iter}: {passes} passes")
