@@ -63,9 +63,9 @@ def singular_values(A: torch.Tensor, *, k: Optional[int] = None) -> torch.Tensor
     """All (or the top ``k``) singular values of every matrix of a batch, descending.
 
     One batched call: the eigenvalues of the float64 Gram matrix of the smaller
-    side (``AᵀA`` or ``AAᵀ``), ``σ_i = sqrt(λ_i)``. No singular vectors are formed,
-    which is what makes this several times cheaper than ``torch.linalg.svd`` per
-    matrix. Accuracy: the absolute error of ``σ_i²`` is ~1e-16·σ_1² (float64), so
+    side (``AᵀA`` or ``AAᵀ``), ``σ_i = sqrt(λ_i)``. No singular vectors are formed:
+    on one CPU thread ~1.6x cheaper than ``torch.linalg.svd(A, full_matrices=False)``
+    for 384×384 and ~3x for 1536×384 (the tridiagonal reduction is the floor). Accuracy: the absolute error of ``σ_i²`` is ~1e-16·σ_1² (float64), so
     ``σ_i`` is exact to ~1e-6 relative down to ``σ_i ≈ 1e-5·σ_1``.
 
     Args:
