@@ -24,7 +24,6 @@ the allocations and frees the profiler records during one step (``profile_memory
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 import warnings

@@ -23,13 +23,13 @@ use ``scale = 1`` and ``back = id``.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from svdkernels.adapters.modules import Targets, matches
 from svdkernels.ops.lowrank_adam_step import (
     bias_corrected_step_size,
     dequantize_basis,
@@ -46,8 +46,6 @@ COS_WINDOW = 5  # Q-GaLore: mean cosine over the last 5 refreshes
 COS_THRESHOLD = 0.4  # ... at least 0.4 doubles the gap
 # Group options of a low-rank group, their defaults come from the constructor.
 _LOWRANK_KEYS = ("rank", "update_gap", "scale", "projector", "moments", "adaptive_gap", "proj_bits", "side")
-
-Targets = Optional[Union[str, Sequence[str]]]
 
 
 def _mix(*values: int) -> int:
@@ -284,7 +282,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         overflows, when the entries are checked)."""
         if not items:
             return None
-        sums = torch.stack([g.float().sum() for *_, g in items])
+        sums = torch.stack([g.sum(dtype=torch.float32) for *_, g in items])  # no float copy of a bf16 gradient
         bad = (~torch.isfinite(sums)).nonzero().flatten().tolist()
         for i in bad:
             group, gi, pi, p, g = items[i]
@@ -627,20 +625,12 @@ class DCTAdamW(LowRankAdamW):
 # ---------------------------------------------------------------------- param groups
 
 
-def _matches(name: str, targets: Targets) -> bool:
-    """peft's ``target_modules`` rule (the adapters' rule): a string is a regex matching the
-    whole name; a list names modules by full name or dotted suffix; ``None`` matches all."""
-    if targets is None:
-        return True
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def lowrank_param_groups(model: nn.Module, targets: Targets = None, *, rank: int = 128,
                          **options: Any) -> list[dict[str, Any]]:
-    """Param groups for :class:`LowRankAdamW`: the weights of the ``nn.Linear`` layers that
-    ``targets`` selects (the adapters' rule) in one low-rank group, every other trainable
+    """Param groups for :class:`LowRankAdamW`: the weights of the ``nn.Linear`` (and
+    :class:`Int8Linear`) layers that ``targets`` selects (the adapters' rule, peft's
+    ``target_modules``: a regex matching the whole name, or a list of names or dotted
+    suffixes; ``None``: all) in one low-rank group, every other trainable
     parameter in a plain AdamW group. Both carry ``names``.
 
     ``options`` go into the low-rank group (``update_gap``, ``scale``, ``projector``...).
@@ -652,9 +642,9 @@ def lowrank_param_groups(model: nn.Module, targets: Targets = None, *, rank: int
             raise TypeError(f"targets: expected None, a regex string or a list of module names, got {targets!r}")
     chosen: dict[int, str] = {}
     for mname, module in model.named_modules():
-        if isinstance(module, nn.Linear) and _matches(mname, targets) and module.weight.requires_grad:
+        if isinstance(module, nn.Linear) and matches(mname, targets) and module.weight.requires_grad:
             chosen[id(module.weight)] = f"{mname}.weight"
-        elif isinstance(module, Int8Linear) and _matches(mname, targets):
+        elif isinstance(module, Int8Linear) and matches(mname, targets):
             chosen[id(module.qweight)] = f"{mname}.qweight"
     if not chosen:
         raise ValueError(f"targets: expected names matching nn.Linear layers of the model, got {targets!r} "

@@ -26,71 +26,24 @@ read as tiles and dequantised in registers: ``q = (byte >> 4·(k & 1)) & 0xF``,
 
 Precision. The compute dtype is ``W``'s. bfloat16/float16: ``G`` as stored, ``P`` and
 ``N`` rounded to it in registers, ``tl.dot`` with float32 accumulation (what two 16-bit
-GEMMs in torch would do with a 16-bit basis). float32: 3xTF32 (~21 bits per product,
-within ~1e-6 relative of a float32 GEMM). Moments, ``N`` and the update arithmetic are
+GEMMs in torch would do with a 16-bit basis). float32: 3xTF32 (``dot_acc`` of
+:mod:`svdkernels.triton.common`, ~21 bits per product). Moments, ``N`` and the update arithmetic are
 float32; ``W`` is rounded once.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from svdkernels.reference.lowrank_adam_step import BASIS_GROUP, sr_key
-
-if TYPE_CHECKING:
-    from svdkernels.testing.compile_check import CompileCase
-
-
-@triton.jit
-def _probe() -> None:
-    pass
-
-
-def _interpreted() -> bool:
-    """Kernels run in the Triton interpreter (``TRITON_INTERPRET=1`` when triton was imported)."""
-    return not isinstance(_probe, triton.runtime.JITFunction)
-
+from svdkernels.triton.common import PTR, CompileCase, check_device, dot_acc, interpreted, round_mantissa
 
 # --------------------------------------------------------------------------- helpers
-
-
-@triton.jit
-def _round_mantissa(x, DROP: tl.constexpr):
-    """float32 ``x`` rounded to nearest even with its ``DROP`` low mantissa bits cleared
-    (16: bfloat16 values, 13: TF32 values), kept in float32."""
-    bits = x.to(tl.uint32, bitcast=True)
-    half: tl.constexpr = (1 << (DROP - 1)) - 1
-    keep: tl.constexpr = 0xFFFFFFFF ^ ((1 << DROP) - 1)
-    bits = (bits + (half + ((bits >> DROP) & 1))) & keep
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _dot(a, b, acc, COMPUTE: tl.constexpr, BF16_EMULATED: tl.constexpr):
-    """``acc + a·b`` with operands rounded to ``COMPUTE``, float32 accumulation; float32
-    as 3xTF32 (hi·lo + lo·hi + hi·hi, small terms first)."""
-    if BF16_EMULATED:
-        # Interpreter only: its bfloat16 dot and casts are wrong (triton#11584); a
-        # product of two bfloat16 values is exact in float32, so round and dot in fp32.
-        a = _round_mantissa(a.to(tl.float32), 16)
-        b = _round_mantissa(b.to(tl.float32), 16)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    elif COMPUTE == tl.float32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-        a_hi = _round_mantissa(a, 13)
-        b_hi = _round_mantissa(b, 13)
-        acc = tl.dot(a - a_hi, b_hi, acc, input_precision="tf32")
-        acc = tl.dot(a_hi, b - b_hi, acc, input_precision="tf32")
-        acc = tl.dot(a_hi, b_hi, acc, input_precision="tf32")
-    else:
-        acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc)
-    return acc
 
 
 @triton.jit
@@ -146,7 +99,7 @@ def _project_adam_kernel(
         g = tl.load(g_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         pt = _basis_tile(p_ptr, s_ptr, z_ptr, cols[None, :], (k0 + rk)[:, None], k_ok[:, None] & col_ok[None, :],
                          stride_pr, stride_pk, stride_sr, stride_sg, PACKED, GROUP)  # Pᵀ [BLOCK_K, BLOCK_R]
-        acc = _dot(g, pt, acc, COMPUTE, BF16_EMULATED)
+        acc = dot_acc(g, pt, acc, COMPUTE, BF16_EMULATED, False)
         g_ptrs += BLOCK_K * stride_gk
     ok = row_ok[:, None] & col_ok[None, :]
     m_ptrs = m_ptr + rows[:, None].to(tl.int64) * stride_mm + cols[None, :] * stride_mr
@@ -186,7 +139,7 @@ def _update_kernel(
         nt = tl.load(n_ptrs, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         pt = _basis_tile(p_ptr, s_ptr, z_ptr, (r0 + rr)[:, None], cols[None, :], r_ok[:, None] & col_ok[None, :],
                          stride_pr, stride_pk, stride_sr, stride_sg, PACKED, GROUP)  # P [BLOCK_R, BLOCK_K]
-        acc = _dot(nt, pt, acc, COMPUTE, BF16_EMULATED)
+        acc = dot_acc(nt, pt, acc, COMPUTE, BF16_EMULATED, False)
         n_ptrs += BLOCK_R
     ok = row_ok[:, None] & col_ok[None, :]
     w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wm + cols[None, :].to(tl.int64) * stride_wk
@@ -203,7 +156,7 @@ def _update_kernel(
         bits = tl.where(finite, bits + rnd, bits) & 0xFFFF0000
         w = bits.to(tl.float32, bitcast=True)
     elif COMPUTE == tl.bfloat16:
-        w = _round_mantissa(w, 16)  # the GPU's rounding; the interpreter's cast would truncate
+        w = round_mantissa(w, 16)  # the GPU's rounding; the interpreter's cast would truncate
     tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=ok)
 
 
@@ -247,12 +200,6 @@ def pick_config(rank: int) -> Config:
 _COMPUTE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def _check(name: str, t: torch.Tensor) -> None:
-    if t.device.type != "cuda" and not _interpreted():
-        raise ValueError(f"{name}: the triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 set "
-                         f"before triton is imported), got device {t.device}")
-
-
 def lowrank_adam_step(
     W: torch.Tensor, G: torch.Tensor, P: torch.Tensor, P_scale: Optional[torch.Tensor],
     P_zero: Optional[torch.Tensor], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, right: bool,
@@ -263,7 +210,7 @@ def lowrank_adam_step(
 
     ``config`` overrides :func:`pick_config` (tests use it to cover several tiles).
     """
-    _check("W", W)
+    check_device("W", W)
     m, n = W.shape
     r = P.shape[0]
     # The kernels' right form: G, W [M, K], moments [M, R].
@@ -281,7 +228,7 @@ def lowrank_adam_step(
         s = z = P  # unused (PACKED is constexpr False)
         stride_sr = stride_sg = 0
     compute = _COMPUTE[W.dtype]
-    emulated = compute == tl.bfloat16 and _interpreted()
+    emulated = compute == tl.bfloat16 and interpreted()
     N = torch.empty(M, r, dtype=torch.float32, device=W.device)
     if M == 0 or K == 0:
         return
@@ -311,15 +258,10 @@ def lowrank_adam_step(
 # --------------------------------------------------------------------------- compile check
 
 
-_PTR = {tl.float32: "*fp32", tl.bfloat16: "*bf16", tl.float16: "*fp16"}
-
-
 def compile_cases() -> Iterator[CompileCase]:
     """Both kernels × config × compute dtype × float/int4 basis (× stochastic rounding
     for bfloat16), as the launcher builds them for contiguous operands (unit strides
     along ``K`` constexpr 1: the right side's layout)."""
-    from svdkernels.testing.compile_check import CompileCase
-
     def case(name: str, kernel: object, types: dict[str, str], constexprs: dict[str, object],
              cfg: Config) -> CompileCase:
         names = kernel.arg_names  # type: ignore[attr-defined]
@@ -328,7 +270,7 @@ def compile_cases() -> Iterator[CompileCase]:
                            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), True)
 
     for compute in (tl.bfloat16, tl.float16, tl.float32):
-        ptr = _PTR[compute]
+        ptr = PTR[compute]
         for cfg in CONFIGS:
             for packed in (False, True):
                 basis = dict(p_ptr="*u8" if packed else "*fp32", s_ptr="*fp32", z_ptr="*fp32")

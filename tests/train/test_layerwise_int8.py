@@ -1,6 +1,5 @@
 """layerwise (steps inside backward, with accumulation) and Int8Linear (INT8 weights,
 stochastic rounding)."""
-import copy
 
 import pytest
 import torch

@@ -5,8 +5,9 @@ reference step, through the Triton interpreter on CPU tensors when there is no G
 both sides, float and packed int4 bases, every weight dtype, shapes that are not
 multiples of the tiles, ranks across several rank tiles, stochastic rounding.
 
-Level 3: every kernel × config × dtype × basis (``compile_cases()``) compiles for sm_80
-and sm_90 with zero spills, fitting shared memory, on the tensor cores.
+Level 3: every kernel × config × dtype × basis (``compile_cases()``, covered here) is
+built for sm_80 and sm_90 by tests/triton/test_compile.py: zero spills, shared memory
+within the limit, tensor cores.
 """
 import pytest
 
@@ -127,10 +128,9 @@ def test_pick_config():
     assert tk.pick_config(33).name == "r64" and tk.pick_config(1024).name == "r64"
 
 
-# ---------------------------------------------------------------- compiles for sm_80 / sm_90
+# ------------------------------------------- compile cases (built by tests/triton/test_compile.py)
 
 
-CCS = (80, 90)
 CASES = list(tk.compile_cases())
 
 
@@ -142,22 +142,12 @@ def test_compile_cases_cover_every_kernel_config_dtype_and_basis():
             for dtype in ("bf16", "fp16", "fp32"):
                 for basis in ("f32basis", "int4"):
                     assert f"{kernel}-{cfg.name}-{dtype}-{basis}" in ids
-    assert "update-r64-bf16-int4-sr" in ids
-
-
-@pytest.fixture(scope="module")
-def reports():
-    pytest.importorskip("triton.backends.nvidia.compiler")  # ptxas ships with the NVIDIA backend
-    from svdkernels.testing.compile_check import reports_by_case
-
-    return reports_by_case(CASES, CCS)
-
-
-@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm{cc}")
-@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
-def test_compiles_without_spills(case, cc, reports):
-    from svdkernels.testing.compile_check import check_report
-
-    report = reports[(case.id, cc)]
-    print(f"\n{case.id:34s} {report.summary()}")
-    check_report(report, expects_tensor_cores=case.expects_tensor_cores)
+    assert {i for i in ids if i.endswith("-sr")} == {f"update-{c.name}-bf16-{b}-sr" for c in tk.CONFIGS
+                                                    for b in ("f32basis", "int4")}
+    # Built with the launchers' tiles and options.
+    for case in CASES:
+        cfg = next(c for c in tk.CONFIGS if c.name == case.id.split("-")[1])
+        assert case.options == dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), case.id
+        blocks = ((cfg.BLOCK_M, cfg.BLOCK_R, cfg.BLOCK_K) if case.id.startswith("project")
+                  else (cfg.UPDATE_M, cfg.UPDATE_R, cfg.UPDATE_K))
+        assert (case.constexprs["BLOCK_M"], case.constexprs["BLOCK_R"], case.constexprs["BLOCK_K"]) == blocks
