@@ -211,6 +211,9 @@ class LowRankAdamW(torch.optim.Optimizer):
         if lowrank:
             for pi, p in enumerate(params):
                 self._check_lowrank_param(self.param_groups[-1], gi, pi, p)
+        if hasattr(self, "_index"):  # a group added after construction
+            self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+            self._offsets = self._stagger_offsets()
 
     def _name(self, group: dict[str, Any], gi: int, pi: int, p: torch.Tensor) -> str:
         names = group.get("names")

@@ -338,3 +338,13 @@ def test_mismatched_state_dict_raises_and_changes_nothing():
     assert all(torch.equal(after["state"][i]["exp_avg"], before["state"][i]["exp_avg"]) for i in after["state"])
     other = LowRankAdamW(lowrank_param_groups(mlp(), targets=["0"], rank=3))
     assert_raises_naming(lambda: other.load_state_dict(o_big.state_dict()), ValueError, ["rank", "3", "2"])
+
+
+def test_a_group_added_later_is_trained_in_low_rank():
+    model, (X, Y) = mlp(), data()
+    opt = LowRankAdamW([dict(params=[model[4].weight, model[4].bias])], lr=1e-2)
+    opt.add_param_group(dict(params=[model[0].weight], rank=3, update_gap=2))
+    train(model, opt, 3, X, Y)
+    st = opt.state[model[0].weight]
+    assert st["exp_avg"].shape == (40, 3) and st["refreshes"] == 2
+    assert model[2].weight not in opt.state  # not an optimiser parameter
