@@ -366,3 +366,42 @@ def test_layer_stats_one_pass_and_shared_inputs() -> None:
         assert stats[name].out_grad_sq > 0 and stats[name].out_sq > 0
     assert stats["q"].gram is not stats["k"].gram  # shared product, separate accumulators
     assert not model.q.weight.grad_fn and model.q.weight.grad is None
+
+
+def test_layer_kind_and_basis_sharing_groups() -> None:
+    from svdkernels.compress import layer_kind
+
+    assert layer_kind("encoder.layer.3.attention.self.query") == "encoder.layer.*.attention.self.query"
+    assert layer_kind("h.10.mlp.c_fc") == "h.*.mlp.c_fc" and layer_kind("0") == "*"
+
+    class Four(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.ModuleList(nn.ModuleDict({"query": nn.Linear(8, 8, dtype=torch.float64)})
+                                       for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for blk in self.layer:
+                x = torch.tanh(blk["query"](x))
+            return x
+
+    model = Four()
+    compress_model(model, _batches(8, 30), method="basis_sharing", keep=0.5, budget="uniform", shared="layer.*query")
+    q = [model.layer[i]["query"] for i in range(3)]
+    # Consecutive groups of 2: layers 0 and 1 share, layer 2 (left over) is SVD-LLM alone.
+    assert q[0].down is q[1].down and q[2].down is not q[0].down
+    with pytest.raises(TypeError, match="shared"):
+        compress_model(Four(), _batches(8, 30), method="basis_sharing", shared=[1, 2])
+
+
+def test_fwsvd_default_loss_reaches_every_output_of_a_tuple() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6, dtype=torch.float64), nn.Linear(6, 6, dtype=torch.float64)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.a(x), self.b(x)  # no loss: the probe covers both outputs
+
+    model = compress_model(Two(), _batches(6, 20), method="fwsvd", keep=0.5, budget="uniform")
+    assert isinstance(model.a, LowRankLinear) and isinstance(model.b, LowRankLinear)
