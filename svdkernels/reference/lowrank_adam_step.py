@@ -193,6 +193,15 @@ def lowrank_adam_step(
     exp_avg.mul_(beta1).add_(R, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
     N = exp_avg / (exp_avg_sq.sqrt() + eps)
+    if W.dtype == torch.float32:
+        # In place: the back-projection is the GEMM's accumulate step, no [m, n] temporary.
+        if right:
+            W.addmm_(N, Pf, alpha=-step_size)
+        else:
+            W.addmm_(Pf.T, N, alpha=-step_size)
+        if decay != 0.0:
+            W.add_(W, alpha=-decay)
+        return
     U = N @ Pf if right else Pf.T @ N
     w = W.float() - step_size * U
     if decay != 0.0:

@@ -399,9 +399,15 @@ class LowRankAdamW(torch.optim.Optimizer):
         gf = g.float()
         m.mul_(beta1).add_(gf, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(gf, gf, value=1.0 - beta2)
-        new = w.float() - step_size * (m / (v.sqrt() + group["eps"]))
+        denom = v.sqrt().add_(group["eps"])
+        if w.dtype == torch.float32:  # in place, one temporary (denom) as torch's AdamW
+            w.addcdiv_(m, denom, value=-step_size)
+            if decay != 0.0:
+                w.add_(w, alpha=-decay)
+            return
+        new = w.float().addcdiv_(m, denom, value=-step_size)
         if decay != 0.0:
-            new = new - decay * new
+            new.add_(new, alpha=-decay)
         w.copy_(stochastic_round(new, sr) if sr is not None else new.to(w.dtype))
 
     # ------------------------------------------------------------------ bases
