@@ -622,10 +622,13 @@ class QGaLoreAdamW(LowRankAdamW):
 
 class DCTAdamW(LowRankAdamW):
     """The SVD-free optimiser (Modoranu et al. 2025): DCT-II columns chosen by the ℓ1 norm
-    of the gradient's coefficients, moments rotated (re-indexed) at each refresh."""
+    of the gradient's coefficients, moments rotated (re-indexed) at each refresh; the
+    published default refreshes every step (``update_gap=1``: one batched scoring product
+    per shape group and step; the step itself only gathers ``r`` DCT rows)."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, **kwargs: Any) -> None:
+        kwargs.setdefault("update_gap", 1)
         kwargs.setdefault("projector", "dct")
         kwargs.setdefault("moments", "rotate")
         super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
