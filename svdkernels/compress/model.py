@@ -32,6 +32,7 @@ from svdkernels.adapters.modules import Targets, find_linears, matches, set_modu
 from svdkernels.calibration import LayerStats, LossFn, collect_layer_stats
 from svdkernels.compress.budget import Unit, allocate_global, allocate_uniform
 from svdkernels.compress.factor import (
+    Spectrum,
     check_gram,
     factors,
     left_spectrum,
@@ -229,7 +230,9 @@ def _stats(model: nn.Module, layers: dict[str, nn.Linear], units: list[list[str]
     # projection. Shared bases need the input Grams.
     single = {ns[0] for ns in units if len(ns) == 1}
     out_side = {n for n in single if layers[n].out_features < layers[n].in_features}
-    whiten = method in ("svd_llm", "basis_sharing")
+    # ASVD under the global budget also gathers Grams, to price each direction by the
+    # output error it carries (see _output_errors).
+    whiten = method in ("svd_llm", "basis_sharing") or (method == "asvd" and sensitivity)
     stats = collect_layer_stats(
         model, layers, calib_batches, gram={n for n in layers if n not in out_side} if whiten else False,
         out_gram=out_side if whiten else False, abs_mean=method == "asvd", fisher=method == "fwsvd",
@@ -280,6 +283,7 @@ def _spectra(layers: dict[str, nn.Linear], units: list[list[str]], stats: dict[s
             plans.update(_shared_plans(group, W, stats, layers, m, n, device))
             continue
         W = W[:, 0]
+        alloc: Optional[torch.Tensor] = None  # what ranks are allocated by, when not spec.lam
         if method == "fwsvd":
             # Output-side weighting: the input-side machinery on Wᵀ (q_i = row Fisher).
             q = _unit_norm(torch.stack([stats[x].fisher for x in names]).to(device))
@@ -291,6 +295,8 @@ def _spectra(layers: dict[str, nn.Linear], units: list[list[str]], stats: dict[s
             p = _unit_norm(_unit_norm(s).clamp_min(1e-6).pow(2 * opts["alpha"]))
             spec = left_spectrum(W, p=p)
             G = None
+            if all(stats[x].gram is not None or stats[x].out_gram is not None for x in names):
+                alloc = _output_errors(W, spec, stats, names, device)
         elif method in ("svd_llm", "basis_sharing"):
             if m < n:
                 # W·XᵀX·Wᵀ is the output Gram: its eigenvectors are U (factor.py). No
@@ -318,15 +324,32 @@ def _spectra(layers: dict[str, nn.Linear], units: list[list[str]], stats: dict[s
             G = None
         k = min(m, n)
         for i, x in enumerate(names):
-            unit = Unit([x], m + n, m * n, k, spec.lam[i], _layer_weight(stats, layers, x))
+            unit = Unit([x], m + n, m * n, k, (spec.lam if alloc is None else alloc)[i],
+                        _layer_weight(stats, layers, x))
             plans[(x,)] = _Plan(unit, _single_builder(x, W, spec, i, G, transpose=method == "fwsvd"))
     return [plans[tuple(ns)] for ns in units]
 
 
+def _output_errors(W: torch.Tensor, spec: Spectrum, stats: dict[str, LayerStats], names: list[str],
+                   device: torch.device) -> torch.Tensor:
+    """The spectrum to allocate ranks by, for a left projection ``U_r·U_rᵀ·W`` whose
+    ``U`` is not the whitened one (ASVD): direction ``i`` carries output error
+    ``eᵢ = uᵢᵀ·W·XᵀX·Wᵀ·uᵢ`` on the calibration data (``Σᵢ eᵢ = ‖W·Xᵀ‖²``), so the
+    global budget prices each direction by what dropping it costs in output.
+    Returns ``e`` ``[B, k]`` (not sorted)."""
+    U = spec.basis
+    if stats[names[0]].out_gram is not None:
+        C = torch.stack([stats[x].out_gram for x in names]).to(device)
+        e = (U * (C @ U)).sum(-2)
+    else:
+        G = torch.stack([stats[x].gram for x in names]).to(device)
+        M = W.mT @ U  # [B, n, k]
+        e = (M * (G @ M)).sum(-2)
+    return e.clamp_min(0)
+
+
 def _single_builder(name: str, W: torch.Tensor, spec: Any, i: int, G: Optional[torch.Tensor], transpose: bool):
     def build(rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        from svdkernels.compress.factor import Spectrum
-
         one = Spectrum(spec.lam[i:i + 1], spec.basis[i:i + 1])
         if transpose:
             Wt = W[i:i + 1].mT

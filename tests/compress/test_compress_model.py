@@ -405,3 +405,40 @@ def test_fwsvd_default_loss_reaches_every_output_of_a_tuple() -> None:
 
     model = compress_model(Two(), _batches(6, 20), method="fwsvd", keep=0.5, budget="uniform")
     assert isinstance(model.a, LowRankLinear) and isinstance(model.b, LowRankLinear)
+
+
+def test_asvd_global_budget_keeps_the_asvd_truncation() -> None:
+    # Under the global budget ASVD allocates by the output error each of its directions
+    # carries; the truncation itself stays ASVD's.
+    model = _model((12, 9), (9, 12))
+    batches = _batches(12, 40)
+    g = compress_model(copy.deepcopy(model), batches, method="asvd", keep=0.6, budget="global")
+    X = torch.cat(batches)
+    for i in (0, 2):
+        layer = g[i]
+        if not isinstance(layer, LowRankLinear):
+            continue
+        W = model[i].weight.detach()
+        inputs = X if i == 0 else torch.tanh(model[0](X)).detach()
+        s = inputs.abs().mean(0).pow(0.5)
+        torch.testing.assert_close(_dense(layer).detach(), _truncate(W * s, layer.rank) / s, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [(12, 8), (8, 12)], ids=["m<n", "m>n"])
+def test_output_errors_of_asvd_directions(n_in: int, n_out: int) -> None:
+    from svdkernels.compress.factor import left_spectrum
+    from svdkernels.compress.model import _output_errors
+
+    model = _model((n_in, n_out))
+    batches = _batches(n_in, 30)
+    stats = collect_layer_stats(model, {"0": model[0]}, batches, gram=n_out >= n_in, out_gram=n_out < n_in)
+    W = model[0].weight.detach()[None]
+    p = torch.rand(1, n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.1
+    spec = left_spectrum(W, p=p)
+    e = _output_errors(W, spec, stats, ["0"], W.device)[0]
+    Y = torch.cat(batches) @ W[0].T
+    # Dropping directions i >= r leaves exactly Σ_{i>=r} e_i of output error.
+    for r in (1, 3, min(n_in, n_out)):
+        U = spec.basis[0, :, :r]
+        err = (Y - Y @ U @ U.T).square().sum()
+        torch.testing.assert_close(err, e[r:].sum(), rtol=1e-9, atol=1e-9 * float(Y.square().sum()))
