@@ -280,7 +280,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--png", default="bench-results/compress.png")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    rows = [r for r in bench_compress(args.quick, args.repeats) if isinstance(r, Row)]
+    rows = []
+    for r in bench_compress(args.quick, args.repeats):
+        if isinstance(r, Row):  # progress, one line per row, before the table
+            rows.append(r)
+            print(f"{r.workload} | {r.method} | {r.time_ms:.0f} ms | "
+                  + " ".join(f"{k} {v:.4g}" for k, v in r.errors.items()) + f" | {r.note}", flush=True)
     ours = {r.workload: r.time_ms for r in rows if r.kind == "ours"}
     for r in rows:
         r.family = "compress"
