@@ -338,7 +338,13 @@ def _layer_inputs(
     missing = [n for n in layers if n not in stats]
     if missing:
         raise ValueError(f"calib_batches: layers {missing[:4]} saw no input while the batches ran")
-    return {n: stats[n].covariance if covariance else stats[n].rows for n in layers}
+    out = {n: stats[n].covariance if covariance else stats[n].rows for n in layers}
+    for n, t in out.items():
+        # A NaN here would fail the whole shape group's SVD with "failed to converge".
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"calib_batches: expected finite activations, but layer {n!r} received NaN or inf "
+                             "inputs (from the batches or the layers before it; its weight is finite)")
+    return out
 
 
 def adapter_layers(model: nn.Module) -> dict[str, SVDLinear]:

@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from svdkernels.errors import strict_kwargs
 from svdkernels.kv.compress import check_settings, factor
 from svdkernels.ops.lowrank_attention import RoPE, dense_attention, lowrank_attention_with_tail
 
@@ -97,6 +98,7 @@ class LowRankKVCache:
     RoPE); every sequence of the batch has the same length (no padding). Inference only.
     """
 
+    @strict_kwargs
     def __init__(
         self,
         num_layers: int,
@@ -116,6 +118,8 @@ class LowRankKVCache:
             raise ValueError(f"window: expected an int >= 0, got {window!r}")
         if rope is not None and not isinstance(rope, RoPE):
             raise TypeError(f"rope: expected None or svdkernels.RoPE, got {type(rope).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62:
+            raise ValueError(f"seed: expected an int in [0, 2**62), got {seed!r}")
         self.num_layers = num_layers
         self.group_size = group_size
         self.rank_k, self.rank_v, self.energy = rank_k, rank_v, energy

@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from svdkernels.errors import strict_kwargs
+
 
 def _energy_rank(S: torch.Tensor, energy: float) -> torch.Tensor:
     # Smallest r with sum_{i<r} σ_i² >= energy · sum σ_i² (σ² is the Frobenius
@@ -37,6 +39,7 @@ def _elbow_rank(S: torch.Tensor) -> torch.Tensor:
     return dist.argmax(-1) + 1
 
 
+@strict_kwargs
 def select_rank(
     S: torch.Tensor,
     *,

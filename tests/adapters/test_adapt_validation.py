@@ -87,6 +87,20 @@ def test_non_finite_or_out_of_range_hyperparameters(kw, exc, words):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("method", ["corda", "eva"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_calibration_blames_the_batches(method, value):
+    batches = calib_batches()
+    batches[1][3, 5] = value
+    model = toy_model()
+    before = copy.deepcopy(model.state_dict())
+    assert_raises_naming(lambda: adapt(model, method, rank=4, calib_batches=batches), ValueError,
+                         ["calib_batches", "'0'", "NaN or inf"])
+    assert all(type(m) is not SVDLinear for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_kronlinear_nan_scale_leaves_the_weight_alone():
     base = nn.Linear(16, 16)
     W = base.weight.detach().clone()

@@ -226,9 +226,14 @@ def test_merge_attention(data):
 
 
 @fuzz(30)
-@given(numbers(st.floats(1.0, 1e6)), numbers(st.floats(0.5, 4.0)),
-       st.sampled_from(["neox", "interleaved", "gptj", 3]), st.one_of(st.none(), st.integers(-2, 8)))
-def test_rope(theta, scaling, layout, rotary_dim):
+@given(st.data())
+def test_rope(data):
+    bad = data.draw(st.sampled_from([None] * 3 + ["theta", "scaling", "layout", "rotary_dim"]))
+    theta = data.draw(numbers(st.floats(1.0, 1e6)) if bad == "theta" else st.floats(1.0, 1e6))
+    scaling = data.draw(numbers(st.floats(0.5, 4.0)) if bad == "scaling" else st.floats(0.5, 4.0))
+    layout = data.draw(st.sampled_from(["gptj", 3, None] if bad == "layout" else ["neox", "interleaved"]))
+    rotary_dim = data.draw(st.sampled_from([-2, 0, 3, 2.0, True]) if bad == "rotary_dim"
+                           else st.one_of(st.none(), st.sampled_from([2, 4, 8])))
     out = run_case("RoPE", lambda: svdkernels.RoPE(theta=theta, scaling=scaling, layout=layout, rotary_dim=rotary_dim),
                    ["rope", "theta", "scaling", "layout", "rotary_dim"], finite_input=True)
     if out.ok:

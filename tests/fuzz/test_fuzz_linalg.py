@@ -123,11 +123,17 @@ def test_kpsvd(data):
     b = (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)))
     m = a[0] * b[0] + data.draw(st.sampled_from([0, 0, 0, 1]))  # sometimes mismatched
     n = a[1] * b[1]
-    W, finite = data.draw(values((m, n), data.draw(st.sampled_from(FLOAT_DTYPES + (torch.float64,))),
-                                 magnitudes=(1.0, 1e-30, 1e30, 1e-3), special=data.draw(st.booleans())))
-    rank = data.draw(st.one_of(st.none(), st.integers(1, 3), st.integers(1, 3), st.integers(-1, 10)))
-    energy = data.draw(st.one_of(st.none(), st.floats(0.1, 1.0), numbers(st.floats(0.1, 1.0))))
+    W, finite = data.draw(values((m, n), data.draw(st.sampled_from(FLOAT_DTYPES + FLOAT_DTYPES + (torch.float64,))),
+                                 magnitudes=(1.0, 1e-30, 1e30, 1e-3), special=data.draw(st.integers(0, 4)) == 0))
+    full = max(1, min(a[0] * a[1], b[0] * b[1]))
+    bad = data.draw(st.sampled_from([None] * 4 + ["rank", "energy", "none"]))
+    rank = data.draw(st.one_of(st.none(), st.integers(1, full)) if bad != "rank"
+                     else st.sampled_from([0, -1, full + 1, 1.5, True]))
+    energy = data.draw(st.one_of(st.none(), st.floats(0.1, 1.0)) if bad != "energy"
+                       else numbers(st.floats(0.1, 1.0)))
     elbow = data.draw(st.booleans())
+    if bad == "none":
+        rank, energy, elbow = None, None, False
     out = run_case("kpsvd", lambda: svdkernels.kpsvd(W, a, b, rank=rank, energy=energy, elbow=elbow),
                    ["W", "a_shape", "b_shape", "rank", "energy", "elbow", "seed"], finite_input=finite)
     if out.ok and W.numel():
