@@ -24,6 +24,7 @@ the allocations and frees the profiler records during one step (``profile_memory
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -270,6 +271,28 @@ def projected_state_bytes(opt: Any, model: torch.nn.Module) -> int:
     return total
 
 
+@contextlib.contextmanager
+def _quiet_fds() -> Iterator[None]:
+    """Silence file descriptors 1 and 2 (the profiler's C++ start/stop lines, which no
+    Python setting reaches) while the block runs."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
+
+
 def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak of the memory allocated during ``fn()`` above what was allocated before it."""
     if device.type == "cuda":
@@ -279,12 +302,9 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    import os
-
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop chatter, off
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_fds(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     running = peak = 0
