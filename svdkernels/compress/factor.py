@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Spectrum", "check_gram", "factors", "output_spectrum", "left_spectrum", "shared_spectrum", "shared_factors", "whitening",
+__all__ = ["EIGH_DTYPE", "Spectrum", "check_gram", "factors", "output_spectrum", "left_spectrum", "shared_spectrum", "shared_factors", "whitening",
            "refit_up"]
 
 
@@ -41,8 +41,17 @@ class Spectrum:
     basis: torch.Tensor
 
 
-def _eigh_desc(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lam, vec = torch.linalg.eigh(C)
+EIGH_DTYPE: dict[torch.dtype, torch.dtype] = {torch.float64: torch.float64}
+"""Precision of the eigendecomposition per weight dtype (default float32). The
+matrices decomposed are formed from float64 statistics; decomposing them in the
+weights' own precision (as the SVD-LLM code's float32 SVD does) halves the
+dominant cost, and what it perturbs, the smallest eigenvalues, is what truncation
+drops."""
+
+
+def _eigh_desc(C: torch.Tensor, weight_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    lam, vec = torch.linalg.eigh(C.to(EIGH_DTYPE.get(weight_dtype, torch.float32)))
+    lam, vec = lam.to(C.dtype), vec.to(C.dtype)
     # Round-off can make the eigenvalues of a PSD matrix slightly negative.
     return lam.flip(-1).clamp_min(0), vec.flip(-1)
 
@@ -55,10 +64,11 @@ def _safe(lam: torch.Tensor) -> torch.Tensor:
 
 
 def left_spectrum(W: torch.Tensor, *, p: Optional[torch.Tensor] = None, P: Optional[torch.Tensor] = None,
-                  L: Optional[torch.Tensor] = None) -> Spectrum:
+                  L: Optional[torch.Tensor] = None, weight_dtype: torch.dtype = torch.float64) -> Spectrum:
     """Spectrum of ``W·L`` for ``W [B, m, n]`` float64 and the input metric given as
     ``p [B, n]`` (diagonal ``P``), or ``P [B, n, n]`` with its Cholesky factor ``L``,
-    or neither (``P = I``). Uses the ``[m, m]`` side when ``m ≤ n``, else ``[n, n]``."""
+    or neither (``P = I``). Uses the ``[m, m]`` side when ``m ≤ n``, else ``[n, n]``.
+    ``weight_dtype``: the original weights' dtype (:data:`EIGH_DTYPE`)."""
     m, n = W.shape[-2:]
     if m <= n:
         if p is not None:
@@ -67,7 +77,7 @@ def left_spectrum(W: torch.Tensor, *, p: Optional[torch.Tensor] = None, P: Optio
             C = W @ P @ W.mT
         else:
             C = W @ W.mT
-        lam, U = _eigh_desc(C)
+        lam, U = _eigh_desc(C, weight_dtype)
         return Spectrum(lam, U)
     if p is not None:
         WL = W * p.sqrt().unsqueeze(-2)
@@ -75,15 +85,15 @@ def left_spectrum(W: torch.Tensor, *, p: Optional[torch.Tensor] = None, P: Optio
         WL = W @ L
     else:
         WL = W
-    lam, V = _eigh_desc(WL.mT @ WL)
+    lam, V = _eigh_desc(WL.mT @ WL, weight_dtype)
     U = (WL @ V) / _safe(lam).sqrt().unsqueeze(-2)
     return Spectrum(lam, U)
 
 
-def output_spectrum(C: torch.Tensor) -> Spectrum:
+def output_spectrum(C: torch.Tensor, weight_dtype: torch.dtype = torch.float64) -> Spectrum:
     """Spectrum from ``C = W·P·Wᵀ [B, m, m]`` given directly (for SVD-LLM the Gram
     of the layer's outputs, ``Σ yᵀy = W·XᵀX·Wᵀ``)."""
-    lam, U = _eigh_desc(C)
+    lam, U = _eigh_desc(C, weight_dtype)
     return Spectrum(lam, U)
 
 
@@ -143,13 +153,14 @@ def refit_up(W: torch.Tensor, G: torch.Tensor, down: torch.Tensor, up: torch.Ten
     return torch.where(ok, new, up)
 
 
-def shared_spectrum(Ws: torch.Tensor, L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_spectrum(Ws: torch.Tensor, L: torch.Tensor, weight_dtype: torch.dtype = torch.float64
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Basis Sharing: for ``Ws [B, G, m, n]`` (``G`` layers per group) and the
     Cholesky factor ``L [B, n, n]`` of the group's summed Gram, the eigenpairs
     ``(lam [B, n], V [B, n, n])`` of ``Lᵀ·(Σᵢ Wᵢᵀ·Wᵢ)·L``: the right singular vectors
     of ``[W₁; …; W_G]·L``, descending."""
     WtW = (Ws.mT @ Ws).sum(1)
-    return _eigh_desc(L.mT @ WtW @ L)
+    return _eigh_desc(L.mT @ WtW @ L, weight_dtype)
 
 
 def shared_factors(Ws: torch.Tensor, L: torch.Tensor, lam: torch.Tensor, V: torch.Tensor, rank: int

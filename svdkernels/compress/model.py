@@ -276,11 +276,11 @@ def _spectra(layers: dict[str, nn.Linear], units: list[list[str]], stats: dict[s
         w = layers[names[0]].weight
         groups.setdefault((len(names), *w.shape, w.dtype, w.device), []).append(names)
     plans: dict[tuple[str, ...], _Plan] = {}
-    for (size, m, n, _, device), group in groups.items():
+    for (size, m, n, wdtype, device), group in groups.items():
         names = [ns[0] for ns in group]
         W = torch.stack([torch.stack([layers[x].weight.detach() for x in ns]) for ns in group]).double()
         if size > 1:
-            plans.update(_shared_plans(group, W, stats, layers, m, n, device))
+            plans.update(_shared_plans(group, W, stats, layers, m, n, device, wdtype))
             continue
         W = W[:, 0]
         alloc: Optional[torch.Tensor] = None  # what ranks are allocated by, when not spec.lam
@@ -288,12 +288,12 @@ def _spectra(layers: dict[str, nn.Linear], units: list[list[str]], stats: dict[s
             # Output-side weighting: the input-side machinery on Wᵀ (q_i = row Fisher).
             q = _unit_norm(torch.stack([stats[x].fisher for x in names]).to(device))
             Wt = W.mT.contiguous()
-            spec = left_spectrum(Wt, p=q)
+            spec = left_spectrum(Wt, p=q, weight_dtype=wdtype)
             G = None
         elif method == "asvd":
             s = torch.stack([stats[x].abs_mean for x in names]).to(device)
             p = _unit_norm(_unit_norm(s).clamp_min(1e-6).pow(2 * opts["alpha"]))
-            spec = left_spectrum(W, p=p)
+            spec = left_spectrum(W, p=p, weight_dtype=wdtype)
             G = None
             if all(stats[x].gram is not None or stats[x].out_gram is not None for x in names):
                 alloc = _output_errors(W, spec, stats, names, device)
@@ -305,22 +305,23 @@ def _spectra(layers: dict[str, nn.Linear], units: list[list[str]], stats: dict[s
                 # update of ``up`` is the identity.
                 C = torch.stack([stats[x].out_gram for x in names]).to(device)
                 check_gram(C, names)
-                spec = output_spectrum(C / C.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[:, None, None])
+                spec = output_spectrum(C / C.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[:, None, None],
+                                       wdtype)
                 G = None
             elif m == n:
                 G0 = _gram(stats, names, device)
                 check_gram(G0, names)
-                spec = left_spectrum(W, P=G0)
+                spec = left_spectrum(W, P=G0, weight_dtype=wdtype)
                 G = None
             else:
                 G0 = _gram(stats, names, device)
                 G, L, shifted = whitening(G0, names)
-                spec = left_spectrum(W, P=G, L=L)
+                spec = left_spectrum(W, P=G, L=L, weight_dtype=wdtype)
                 # The update changes ``up`` only where the whitening was shifted (else
                 # ``U_r`` is already the least-squares optimum), so only there it runs.
                 G = G0 if opts["refit"] and bool(shifted.any()) else None
         else:
-            spec = left_spectrum(W)
+            spec = left_spectrum(W, weight_dtype=wdtype)
             G = None
         k = min(m, n)
         for i, x in enumerate(names):
@@ -365,11 +366,11 @@ def _single_builder(name: str, W: torch.Tensor, spec: Any, i: int, G: Optional[t
 
 
 def _shared_plans(group: list[list[str]], W: torch.Tensor, stats: dict[str, LayerStats],
-                  layers: dict[str, nn.Linear], m: int, n: int, device: torch.device) -> dict[tuple[str, ...], _Plan]:
+                  layers: dict[str, nn.Linear], m: int, n: int, device: torch.device, wdtype: torch.dtype) -> dict[tuple[str, ...], _Plan]:
     size = len(group[0])
     Gs = torch.stack([_gram(stats, ns, device) for ns in group])  # [B, G, n, n]
     G_sum, L, _ = whitening(Gs.sum(1) / size, [ns[0] for ns in group])
-    lam, V = shared_spectrum(W, L)
+    lam, V = shared_spectrum(W, L, wdtype)
     plans = {}
     for i, ns in enumerate(group):
         unit = Unit(list(ns), n + size * m, size * m * n, min(n, size * m), lam[i],
