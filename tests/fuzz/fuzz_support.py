@@ -54,7 +54,11 @@ _ARG = re.compile(r"^(?P<names>[A-Za-z_][\w.]*(?:\[[^\]]*\])?(?:, ?[A-Za-z_][\w.
 
 
 def named_arguments(message: str) -> Optional[set[str]]:
-    """The argument names a library error message starts with, or ``None``."""
+    """The argument names a library error message starts with, or ``None``
+    (``"use_backend(name): ..."`` names ``name``)."""
+    call = re.match(r"^[A-Za-z_][\w.]*\((?P<arg>[A-Za-z_]\w*)\):\s", message)
+    if call:
+        return {call["arg"]}
     m = _ARG.match(message)
     if m is None:
         return None
