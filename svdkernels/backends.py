@@ -123,3 +123,11 @@ def select_backend(
     if name == "cpp" and not (has_cpp and cpp_available()):
         raise RuntimeError(f"{op}: backend 'cpp' requested but {op} has no built C++ kernel")
     return name
+
+
+def traced_triton(op: str, device: torch.device, **kwargs: object) -> bool:
+    """Whether a call of ``op`` on ``device`` runs compiled Triton kernels, whose launches
+    (``torch.library.wrap_triton``) torch.compile can trace. The interpreter's kernels
+    are plain Python that reads tensor memory, so they run inside the op's opaque
+    dispatch op instead. ``kwargs`` go to :func:`select_backend`."""
+    return select_backend(op, device, **kwargs) == "triton" and not triton_interpreted()

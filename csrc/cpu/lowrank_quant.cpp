@@ -572,22 +572,26 @@ int64_t best_isa() {
 #endif
 }
 
-at::Tensor lowrank_w4a16_linear(
+namespace {
+
+// The checks shared by the CPU kernel and the Meta kernel: dtypes, shapes, contiguity
+// and that every tensor is on `device`. The Python op validates with messages of its
+// own; these keep a direct call of this internal op memory-safe (CPU) and honest
+// (Meta: a mixed meta/CPU call, or inconsistent shapes, is an error, not a tensor).
+void check_inputs(
     const at::Tensor& x,
     const at::Tensor& qweight,
     const at::Tensor& scales,
     const at::Tensor& L_down,
     const at::Tensor& L_up,
     const std::optional<at::Tensor>& bias,
-    int64_t isa) {
-  // The Python op validates with messages of its own; these checks keep a direct
-  // call of this internal op memory-safe.
+    c10::DeviceType device) {
   const auto dtype = x.scalar_type();
   TORCH_CHECK_TYPE(
       dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
       "x: expected dtype float32, float16 or bfloat16, got ", dtype);
   TORCH_CHECK_VALUE(x.dim() == 2, "x: expected shape [M, K] (2-D), got ", x.sizes());
-  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t K = x.size(1);
   TORCH_CHECK_VALUE(K > 0 && K % kGroup == 0, "x: expected K a positive multiple of 64, got K = ", K);
   TORCH_CHECK_TYPE(qweight.scalar_type() == at::kByte, "qweight: expected dtype uint8, got ", qweight.scalar_type());
   TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.size(1) == K / 2,
@@ -612,10 +616,32 @@ at::Tensor lowrank_w4a16_linear(
     TORCH_CHECK_VALUE(e.t->is_contiguous(), e.name, ": expected a contiguous tensor");
   }
   TORCH_CHECK_VALUE(qweight.is_contiguous(), "qweight: expected a contiguous tensor");
-  for (const at::Tensor* t : {&x, &qweight, &scales, &L_down, &L_up}) {
-    TORCH_CHECK_VALUE(t->device().is_cpu(), "_cpp_lowrank_w4a16_linear: expected CPU tensors, got ", t->device());
+  const char* names[] = {"x", "qweight", "scales", "L_down", "L_up"};
+  const at::Tensor* tensors[] = {&x, &qweight, &scales, &L_down, &L_up};
+  for (int i = 0; i < 5; ++i) {
+    TORCH_CHECK_VALUE(tensors[i]->device().type() == device, names[i], ": expected a tensor on ",
+                      c10::DeviceTypeName(device, /*lower_case=*/true), " like the other arguments, got ",
+                      tensors[i]->device());
   }
-  if (bias.has_value()) TORCH_CHECK_VALUE(bias->device().is_cpu(), "bias: expected a CPU tensor");
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->device().type() == device, "bias: expected a tensor on ",
+                      c10::DeviceTypeName(device, /*lower_case=*/true), ", got ", bias->device());
+  }
+}
+
+}  // namespace
+
+at::Tensor lowrank_w4a16_linear(
+    const at::Tensor& x,
+    const at::Tensor& qweight,
+    const at::Tensor& scales,
+    const at::Tensor& L_down,
+    const at::Tensor& L_up,
+    const std::optional<at::Tensor>& bias,
+    int64_t isa) {
+  check_inputs(x, qweight, scales, L_down, L_up, bias, c10::DeviceType::CPU);
+  const auto dtype = x.scalar_type();
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), R = L_down.size(0);
   const int64_t best = best_isa();
   TORCH_CHECK_VALUE(isa >= kIsaAuto && isa <= best, "isa: expected -1 (auto) or 0..", best,
                     " (supported by this CPU), got ", isa);
@@ -675,6 +701,13 @@ at::Tensor lowrank_w4a16_linear_meta(
     const at::Tensor& L_up,
     const std::optional<at::Tensor>& bias,
     int64_t isa) {
+  // Symbolic sizes (tracing with dynamic shapes) cannot be compared here; concrete
+  // ones get the CPU kernel's checks.
+  bool symbolic = false;
+  for (const at::Tensor* t : {&x, &qweight, &scales, &L_down, &L_up}) {
+    symbolic = symbolic || t->unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+  }
+  if (!symbolic) check_inputs(x, qweight, scales, L_down, L_up, bias, c10::DeviceType::Meta);
   return at::empty_symint({x.sym_size(0), qweight.sym_size(0)}, scales.options());
 }
 

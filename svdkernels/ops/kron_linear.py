@@ -16,7 +16,7 @@ from typing import Union
 
 import torch
 
-from svdkernels.backends import select_backend
+from svdkernels.backends import select_backend, traced_triton
 from svdkernels.reference import kron_linear as reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -62,6 +62,9 @@ def validate(x: torch.Tensor, A: Sequence[torch.Tensor], B: Sequence[torch.Tenso
         raise ValueError(f"A, B: expected the same number r of Kronecker terms, got r = {rA} for A and {rB} for B")
     if rA < 1:
         raise ValueError(f"A: expected at least one Kronecker term, got r = {rA}")
+    for name, dims in (("A", (a1, a2)), ("B", (b1, b2))):
+        if min(dims) < 1:
+            raise ValueError(f"{name}: expected factor dims [r, p, q] with p, q >= 1, got p, q = {dims}")
     if x.shape[-1] != a2 * b2:
         raise ValueError(f"x: expected last dim a2*b2 = {a2}*{b2} = {a2 * b2} (A [r, a1, a2], B [r, b1, b2]), "
                          f"got {x.shape[-1]}")
@@ -73,25 +76,57 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _forward(x2: torch.Tensor, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
-    if select_backend("kron_linear", x2.device) == "triton":
-        from svdkernels.triton import kron_linear as triton_kron
+def _triton_forward(x2: torch.Tensor, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
+    from svdkernels.triton import kron_linear as triton_kron  # on first use: never at import
 
-        return triton_kron.kron_linear(x2, reference.compose(A), reference.compose(B), scale)
-    return reference.forward(x2, A, B, scale)
+    return triton_kron.kron_linear(x2, reference.compose(A), reference.compose(B), scale)
 
 
-@torch.library.custom_op("svdkernels::kron_linear", mutates_args=())
-def kron_linear_op(x: torch.Tensor, A: list[torch.Tensor], B: list[torch.Tensor], scale: float) -> torch.Tensor:
-    """``torch.ops.svdkernels.kron_linear``; see :func:`kron_linear`."""
-    validate(x, A, B, scale)
+def _triton_backward(
+    g2: torch.Tensor, x2: torch.Tensor, A: list[torch.Tensor], B: list[torch.Tensor], scale: float,
+    needs_x: bool, needs_A: bool, needs_B: bool,
+) -> tuple[torch.Tensor | None, list[torch.Tensor] | None, list[torch.Tensor] | None]:
+    from svdkernels.triton import kron_linear as triton_kron
+
+    gx = gA = gB = None
+    if needs_x:
+        gx = triton_kron.kron_linear(g2, reference.compose(reference.transpose(A)),
+                                     reference.compose(reference.transpose(B)), scale)
+    if needs_A or needs_B:
+        dA, dB = triton_kron.kron_linear_factor_grads(x2, g2, reference.compose(A), reference.compose(B), scale)
+        gA = reference.chain(A, dA) if needs_A else None
+        gB = reference.chain(B, dB) if needs_B else None
+    return gx, gA, gB
+
+
+@torch.library.custom_op("svdkernels::_kron_linear_dispatch", mutates_args=())
+def _kron_linear_dispatch_op(x: torch.Tensor, A: list[torch.Tensor], B: list[torch.Tensor], scale: float) -> torch.Tensor:
+    """Opaque to tracing: every backend of ``kron_linear`` (inputs validated)."""
     _, a1, _ = factor_dims("A", A)
     _, b1, _ = factor_dims("B", B)
-    y = _forward(_flat(x), A, B, scale)
+    x2 = _flat(x)
+    if select_backend("kron_linear", x.device) == "triton":
+        y = _triton_forward(x2, A, B, scale)
+    else:
+        y = reference.forward(x2, A, B, scale)
     return y.reshape(*x.shape[:-1], a1 * b1)
 
 
-@kron_linear_op.register_fake
+@torch.library.triton_op("svdkernels::kron_linear", mutates_args=())
+def kron_linear_op(x: torch.Tensor, A: list[torch.Tensor], B: list[torch.Tensor], scale: float) -> torch.Tensor:
+    """``torch.ops.svdkernels.kron_linear``; see :func:`kron_linear`.
+
+    A ``triton_op``: where the call runs compiled Triton kernels, torch.compile traces
+    their launches; every other backend is the opaque ``_kron_linear_dispatch``."""
+    validate(x, A, B, scale)
+    if traced_triton("kron_linear", x.device):
+        _, a1, _ = factor_dims("A", A)
+        _, b1, _ = factor_dims("B", B)
+        return _triton_forward(_flat(x), A, B, scale).reshape(*x.shape[:-1], a1 * b1)
+    return torch.ops.svdkernels._kron_linear_dispatch(x, A, B, scale)
+
+
+@_kron_linear_dispatch_op.register_fake
 def _(x, A, B, scale):
     validate(x, A, B, scale)
     _, a1, _ = factor_dims("A", A)
@@ -99,33 +134,41 @@ def _(x, A, B, scale):
     return x.new_empty(*x.shape[:-1], a1 * b1)
 
 
-@torch.library.custom_op("svdkernels::kron_linear_backward", mutates_args=())
-def kron_linear_backward_op(
-    grad_y: torch.Tensor, x: torch.Tensor, A: list[torch.Tensor], B: list[torch.Tensor], scale: float,
-    needs_x: bool, needs_A: bool, needs_B: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Gradients of ``kron_linear``: ``(∂x, [∂A factors], [∂B factors])``.
-
-    Gradients not asked for come back as an empty tensor / empty list.
-    """
-    x2, g2 = _flat(x), _flat(grad_y)
-    if select_backend("kron_linear", x.device) == "triton":
-        from svdkernels.triton import kron_linear as triton_kron
-
-        gx = gA = gB = None
-        if needs_x:
-            gx = triton_kron.kron_linear(g2, reference.compose(reference.transpose(A)), reference.compose(reference.transpose(B)), scale)
-        if needs_A or needs_B:
-            dA, dB = triton_kron.kron_linear_factor_grads(x2, g2, reference.compose(A), reference.compose(B), scale)
-            gA = reference.chain(A, dA) if needs_A else None
-            gB = reference.chain(B, dB) if needs_B else None
-    else:
-        gx, gA, gB = reference.backward(g2, x2, A, B, scale, (needs_x, needs_A, needs_B))
+def _pack_grads(x, gx, gA, gB):
+    # Gradients not asked for come back as an empty tensor / empty list.
     gx = gx.reshape(x.shape) if gx is not None else x.new_empty(0)
     return gx, [t.contiguous() for t in gA] if gA else [], [t.contiguous() for t in gB] if gB else []
 
 
-@kron_linear_backward_op.register_fake
+@torch.library.custom_op("svdkernels::_kron_linear_backward_dispatch", mutates_args=())
+def _kron_linear_backward_dispatch_op(
+    grad_y: torch.Tensor, x: torch.Tensor, A: list[torch.Tensor], B: list[torch.Tensor], scale: float,
+    needs_x: bool, needs_A: bool, needs_B: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Opaque to tracing: every backend of ``kron_linear_backward``."""
+    x2, g2 = _flat(x), _flat(grad_y)
+    if select_backend("kron_linear", x.device) == "triton":
+        gx, gA, gB = _triton_backward(g2, x2, A, B, scale, needs_x, needs_A, needs_B)
+    else:
+        gx, gA, gB = reference.backward(g2, x2, A, B, scale, (needs_x, needs_A, needs_B))
+    return _pack_grads(x, gx, gA, gB)
+
+
+@torch.library.triton_op("svdkernels::kron_linear_backward", mutates_args=())
+def kron_linear_backward_op(
+    grad_y: torch.Tensor, x: torch.Tensor, A: list[torch.Tensor], B: list[torch.Tensor], scale: float,
+    needs_x: bool, needs_A: bool, needs_B: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients of ``kron_linear``: ``(∂x, [∂A factors], [∂B factors])``; gradients
+    not asked for come back as an empty tensor / empty list. A ``triton_op`` like
+    ``kron_linear``."""
+    if traced_triton("kron_linear", x.device):
+        gx, gA, gB = _triton_backward(_flat(grad_y), _flat(x), A, B, scale, needs_x, needs_A, needs_B)
+        return _pack_grads(x, gx, gA, gB)
+    return torch.ops.svdkernels._kron_linear_backward_dispatch(grad_y, x, A, B, scale, needs_x, needs_A, needs_B)
+
+
+@_kron_linear_backward_dispatch_op.register_fake
 def _(grad_y, x, A, B, scale, needs_x, needs_A, needs_B):
     gx = x.new_empty(x.shape) if needs_x else x.new_empty(0)
     gA = [t.new_empty(t.shape) for t in A] if needs_A else []

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
-from svdkernels.backends import select_backend
+from svdkernels.backends import select_backend, traced_triton
 from svdkernels.reference import lowrank_attention as reference
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -137,10 +138,15 @@ def validate(
     sm_scale: float,
     rope: bool,
     rotary_dim: int,
+    rope_theta: float = 10000.0,
+    rope_scaling: float = 1.0,
+    causal: bool = True,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming the argument for any bad input
-    (shapes, dtypes, devices; not the values of ``cache_seqlens``: see
+    (shapes, dtypes, devices, scalars; not the values of ``cache_seqlens``: see
     :func:`check_seqlens_values`)."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {causal!r}")
     _check_tensor("q", q, 4, "[B, Hq, Sq, d]")
     if q.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"q: expected dtype float32, bfloat16, float16 or float64, got {q.dtype}")
@@ -186,6 +192,11 @@ def validate(
         raise ValueError(f"sm_scale: expected a finite number > 0, got {sm_scale!r}")
     if rope and not (2 <= rotary_dim <= d and rotary_dim % 2 == 0):
         raise ValueError(f"rope.rotary_dim: expected an even number in [2, d = {d}], got {rotary_dim}")
+    if rope:
+        # θ <= 0 or a zero scaling makes the angles NaN or infinite: every score would be NaN.
+        for name, v in (("rope_theta", rope_theta), ("rope_scaling", rope_scaling)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
 
 
 def check_seqlens_values(cache_seqlens: Optional[torch.Tensor], T: int) -> None:
@@ -206,7 +217,35 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """What the Triton kernel computes in; float64 runs on the reference unless triton is forced."""
 
 
-@torch.library.custom_op("svdkernels::lowrank_attention", mutates_args=())
+@torch.library.custom_op("svdkernels::_lowrank_attention_dispatch", mutates_args=())
+def _lowrank_attention_dispatch_op(
+    q: torch.Tensor,
+    k_latent: torch.Tensor,
+    v_latent: torch.Tensor,
+    k_basis: torch.Tensor,
+    v_basis: torch.Tensor,
+    cache_seqlens: Optional[torch.Tensor],
+    causal: bool,
+    sm_scale: float,
+    rope: bool,
+    rope_theta: float,
+    rope_scaling: float,
+    rope_layout: int,
+    rotary_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Opaque to tracing: every backend of ``lowrank_attention``. The cache lengths'
+    values are checked here, where the tensors are real."""
+    check_seqlens_values(cache_seqlens, k_latent.shape[1])
+    args = (q, k_latent, v_latent, k_basis, v_basis, cache_seqlens, causal, sm_scale,
+            rope, rope_theta, rope_scaling, rope_layout, rotary_dim)
+    if select_backend("lowrank_attention", q.device, dtype=q.dtype, triton_dtypes=TRITON_DTYPES) == "triton":
+        from svdkernels.triton import lowrank_attention as kernels  # on first use: never at import
+
+        return kernels.lowrank_attention(*args)
+    return reference.lowrank_attention(*args)
+
+
+@torch.library.triton_op("svdkernels::lowrank_attention", mutates_args=())
 def lowrank_attention_op(
     q: torch.Tensor,
     k_latent: torch.Tensor,
@@ -226,23 +265,28 @@ def lowrank_attention_op(
 
     ``rope``, ``rope_theta``, ``rope_scaling``, ``rope_layout`` (0 neox, 1 interleaved)
     and ``rotary_dim`` are :class:`RoPE` flattened into the schema's primitive types.
+    A ``triton_op``: where the call runs compiled Triton kernels, torch.compile traces
+    their launches; every other backend is the opaque ``_lowrank_attention_dispatch``.
     """
-    validate(q, k_latent, v_latent, k_basis, v_basis, cache_seqlens, sm_scale, rope, rotary_dim)
-    check_seqlens_values(cache_seqlens, k_latent.shape[1])
+    validate(q, k_latent, v_latent, k_basis, v_basis, cache_seqlens, sm_scale, rope, rotary_dim,
+             rope_theta, rope_scaling, causal)
     args = (q, k_latent, v_latent, k_basis, v_basis, cache_seqlens, causal, sm_scale,
             rope, rope_theta, rope_scaling, rope_layout, rotary_dim)
-    if select_backend("lowrank_attention", q.device, dtype=q.dtype, triton_dtypes=TRITON_DTYPES) == "triton":
-        # Imported on first use: importing svdkernels never imports triton.
+    if traced_triton("lowrank_attention", q.device, dtype=q.dtype, triton_dtypes=TRITON_DTYPES):
         from svdkernels.triton import lowrank_attention as kernels
 
+        if cache_seqlens is not None and not is_fake(cache_seqlens):
+            check_seqlens_values(cache_seqlens, k_latent.shape[1])  # eager: values are real
+
         return kernels.lowrank_attention(*args)
-    return reference.lowrank_attention(*args)
+    return torch.ops.svdkernels._lowrank_attention_dispatch(*args)
 
 
-@lowrank_attention_op.register_fake
+@_lowrank_attention_dispatch_op.register_fake
 def _(q, k_latent, v_latent, k_basis, v_basis, cache_seqlens, causal, sm_scale,
       rope, rope_theta, rope_scaling, rope_layout, rotary_dim):
-    validate(q, k_latent, v_latent, k_basis, v_basis, cache_seqlens, sm_scale, rope, rotary_dim)
+    validate(q, k_latent, v_latent, k_basis, v_basis, cache_seqlens, sm_scale, rope, rotary_dim,
+             rope_theta, rope_scaling, causal)
     B, Hq, Sq, d = q.shape
     return q.new_empty(B, Hq, Sq, d), q.new_empty(B, Hq, Sq, dtype=reference.accumulate_dtype(q.dtype))
 
@@ -312,9 +356,10 @@ def lowrank_attention(
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     # Validated here too: the dispatcher's own type check would otherwise answer
     # first, without naming what was expected.
-    validate(q, k_latent, v_latent, k_basis, v_basis, cache_seqlens, scale, rope_args[0], rope_args[4])
+    validate(q, k_latent, v_latent, k_basis, v_basis, cache_seqlens, scale, rope_args[0], rope_args[4],
+             rope_args[1], rope_args[2], causal)
     out, lse = torch.ops.svdkernels.lowrank_attention(
-        q, k_latent, v_latent, k_basis, v_basis, cache_seqlens, bool(causal), float(scale), *rope_args)
+        q, k_latent, v_latent, k_basis, v_basis, cache_seqlens, causal, float(scale), *rope_args)
     return (out, lse) if return_lse else out
 
 

@@ -25,8 +25,9 @@ from types import ModuleType
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
-from svdkernels.backends import select_backend
+from svdkernels.backends import select_backend, traced_triton
 from svdkernels.formats.int4 import (
     GROUP_SIZE,
     dequantize_weight,
@@ -161,6 +162,20 @@ def validate_quantize_act(x: torch.Tensor, smooth: torch.Tensor, L_down: torch.T
     _check_device(x.device, smooth=smooth, L_down=L_down)
 
 
+def check_smooth_values(smooth: torch.Tensor) -> None:
+    """Every smoothing factor finite and > 0, or a ``ValueError`` naming ``smooth``: a
+    zero gives an infinite activation scale, a negative one flips the activations'
+    sign against the weights'. Reads the values (a device synchronisation on CUDA),
+    so it runs where the tensors are real, never while tracing."""
+    if is_fake(smooth) or smooth.numel() == 0:
+        return
+    bad = ~(torch.isfinite(smooth) & (smooth > 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"smooth: expected finite factors > 0, got {float(smooth[i])} at index {i} "
+                         f"({int(bad.sum())} of {smooth.numel()} bad)")
+
+
 def validate_w4a4(
     xq: torch.Tensor,
     xscale: torch.Tensor,
@@ -217,7 +232,20 @@ def _triton() -> ModuleType:
 # lowrank_w4a16_linear
 
 
-@torch.library.custom_op("svdkernels::lowrank_w4a16_linear", mutates_args=())
+@torch.library.custom_op("svdkernels::_lowrank_w4a16_linear_dispatch", mutates_args=())
+def _w4a16_dispatch_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    L_down: torch.Tensor,
+    L_up: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Opaque to tracing: every backend of ``lowrank_w4a16_linear`` (inputs validated)."""
+    return _dispatch_w4a16(x, qweight, scales, L_down, L_up, bias)
+
+
+@torch.library.triton_op("svdkernels::lowrank_w4a16_linear", mutates_args=())
 def lowrank_w4a16_linear_op(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -226,9 +254,15 @@ def lowrank_w4a16_linear_op(
     L_up: torch.Tensor,
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``torch.ops.svdkernels.lowrank_w4a16_linear``; see :func:`lowrank_w4a16_linear`."""
+    """``torch.ops.svdkernels.lowrank_w4a16_linear``; see :func:`lowrank_w4a16_linear`.
+
+    A ``triton_op``: where the call runs compiled Triton kernels, torch.compile traces
+    their launches (Inductor sees the kernels); every other backend is the opaque
+    ``_lowrank_w4a16_linear_dispatch``. The body doubles as the fake kernel."""
     validate_w4a16(x, qweight, scales, L_down, L_up, bias)
-    return _dispatch_w4a16(x, qweight, scales, L_down, L_up, bias)
+    if traced_triton("lowrank_w4a16_linear", x.device, has_cpp=True):
+        return _triton().lowrank_w4a16_linear(x, qweight, scales, L_down, L_up, bias)
+    return torch.ops.svdkernels._lowrank_w4a16_linear_dispatch(x, qweight, scales, L_down, L_up, bias)
 
 
 def _dispatch_w4a16(
@@ -259,7 +293,7 @@ def _cpp_w4a16() -> Callable[..., torch.Tensor]:
     return torch.ops.svdkernels._cpp_lowrank_w4a16_linear.default
 
 
-@lowrank_w4a16_linear_op.register_fake
+@_w4a16_dispatch_op.register_fake
 def _(x, qweight, scales, L_down, L_up, bias):
     validate_w4a16(x, qweight, scales, L_down, L_up, bias)
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
@@ -347,18 +381,31 @@ def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
 # lowrank_quantize_act
 
 
-@torch.library.custom_op("svdkernels::lowrank_quantize_act", mutates_args=())
-def lowrank_quantize_act_op(
+@torch.library.custom_op("svdkernels::_lowrank_quantize_act_dispatch", mutates_args=())
+def _quantize_act_dispatch_op(
     x: torch.Tensor, smooth: torch.Tensor, L_down: torch.Tensor, unsigned: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.ops.svdkernels.lowrank_quantize_act``; see :func:`lowrank_quantize_act`."""
-    validate_quantize_act(x, smooth, L_down)
+    """Opaque to tracing: every backend of ``lowrank_quantize_act`` (inputs validated)."""
+    check_smooth_values(smooth)
     if select_backend("lowrank_quantize_act", x.device) == "triton":
         return _triton().lowrank_quantize_act(x, smooth, L_down, unsigned)
     return reference.lowrank_quantize_act(x, smooth, L_down, unsigned)
 
 
-@lowrank_quantize_act_op.register_fake
+@torch.library.triton_op("svdkernels::lowrank_quantize_act", mutates_args=())
+def lowrank_quantize_act_op(
+    x: torch.Tensor, smooth: torch.Tensor, L_down: torch.Tensor, unsigned: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.svdkernels.lowrank_quantize_act``; see :func:`lowrank_quantize_act`
+    (a ``triton_op`` like ``lowrank_w4a16_linear``)."""
+    validate_quantize_act(x, smooth, L_down)
+    if traced_triton("lowrank_quantize_act", x.device):
+        check_smooth_values(smooth)
+        return _triton().lowrank_quantize_act(x, smooth, L_down, unsigned)
+    return torch.ops.svdkernels._lowrank_quantize_act_dispatch(x, smooth, L_down, unsigned)
+
+
+@_quantize_act_dispatch_op.register_fake
 def _(x, smooth, L_down, unsigned):
     validate_quantize_act(x, smooth, L_down)
     *lead, K = x.shape
@@ -400,7 +447,24 @@ def lowrank_quantize_act(
 # lowrank_w4a4_gemm
 
 
-@torch.library.custom_op("svdkernels::lowrank_w4a4_gemm", mutates_args=())
+@torch.library.custom_op("svdkernels::_lowrank_w4a4_gemm_dispatch", mutates_args=())
+def _w4a4_dispatch_op(
+    xq: torch.Tensor,
+    xscale: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    lowrank_act: torch.Tensor,
+    L_up: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    unsigned: bool,
+) -> torch.Tensor:
+    """Opaque to tracing: every backend of ``lowrank_w4a4_gemm`` (inputs validated)."""
+    if select_backend("lowrank_w4a4_gemm", xq.device) == "triton":
+        return _triton().lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
+    return reference.lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
+
+
+@torch.library.triton_op("svdkernels::lowrank_w4a4_gemm", mutates_args=())
 def lowrank_w4a4_gemm_op(
     xq: torch.Tensor,
     xscale: torch.Tensor,
@@ -411,14 +475,16 @@ def lowrank_w4a4_gemm_op(
     bias: Optional[torch.Tensor],
     unsigned: bool,
 ) -> torch.Tensor:
-    """``torch.ops.svdkernels.lowrank_w4a4_gemm``; see :func:`lowrank_w4a4_gemm`."""
+    """``torch.ops.svdkernels.lowrank_w4a4_gemm``; see :func:`lowrank_w4a4_gemm`
+    (a ``triton_op`` like ``lowrank_w4a16_linear``)."""
     validate_w4a4(xq, xscale, qweight, scales, lowrank_act, L_up, bias)
-    if select_backend("lowrank_w4a4_gemm", xq.device) == "triton":
+    if traced_triton("lowrank_w4a4_gemm", xq.device):
         return _triton().lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
-    return reference.lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
+    return torch.ops.svdkernels._lowrank_w4a4_gemm_dispatch(
+        xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
 
 
-@lowrank_w4a4_gemm_op.register_fake
+@_w4a4_dispatch_op.register_fake
 def _(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned):
     validate_w4a4(xq, xscale, qweight, scales, lowrank_act, L_up, bias)
     return scales.new_empty(*xq.shape[:-1], qweight.shape[0])

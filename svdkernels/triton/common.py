@@ -39,8 +39,17 @@ def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+NOMINAL_SM_COUNT = 132
+"""An H100 SXM's SM count: what :func:`sm_count` says where no CUDA device exists."""
+
+
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of CUDA ``device`` (cached per device index)."""
+    """Streaming multiprocessors of CUDA ``device`` (cached per device index).
+
+    Without a CUDA device a launch is impossible, but tracing with fake CUDA tensors
+    (the traced-graph test) still plans one: it gets :data:`NOMINAL_SM_COUNT`."""
+    if not torch.cuda.is_available():
+        return NOMINAL_SM_COUNT
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
