@@ -210,9 +210,10 @@ def rsvd(
             An int64: ``-2**63 <= seed < 2**63``.
         sketch_dtype: operand precision of the sketch and power passes. ``None``
             picks bfloat16 for float32 input on devices with native bfloat16
-            matmul (the last range pass and the projection always read ``A`` in
-            its own precision, so accuracy is that of float32; see
-            ``svdkernels/reference/rsvd.py``), else the input's dtype. Ignored for
+            matmul and float32 for float64 input (the last range pass and the
+            projection always read ``A`` in its own precision, so accuracy is that
+            of the input's dtype; see ``svdkernels/reference/rsvd.py``), else the
+            input's dtype. Ignored for
             sparse ``A``, ``method="krylov"`` and ``tol`` (every pass then reads ``A``
             in its working precision).
         center: ``None``/``False``: factor ``A``. ``True`` or ``"columns"``: factor

@@ -33,9 +33,11 @@ between passes, CholeskyQR2 (float64 then float32 Gram) for the final basis.
 
 Beyond that plan (all in this driver, so every backend gets them):
 
-- float64 input: every pass in float64, Householder QR between passes and the SVD
-  of the small ``B`` itself (not of its Gram, which would square the condition
-  number): torch.svd_lowrank's accuracy, results in float64.
+- float64 input: the sketch and power passes in float32 (they only steer the
+  subspace, as bfloat16 does for float32), the last range pass and the projection
+  in float64, Householder QR for the bases and the SVD of the small ``B`` itself (not
+  of its Gram, which would square the condition number): results in float64 with
+  torch.svd_lowrank's accuracy (its own test cases pass at float64 tolerances).
 - sparse ``A`` (COO 2-D/3-D, CSR 2-D/3-D): :class:`SparsePasses` multiplies CSR
   copies of ``A`` and ``Aᵀ`` (``O(nnz)`` memory, never densified), every pass in the
   working precision (float32 or float64).
@@ -159,9 +161,15 @@ def working_dtype(dtype: torch.dtype, device: torch.device, sparse: bool = False
 
 
 def default_sketch_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """Operand dtype of the sketch and power passes when the caller gives none."""
+    """Operand dtype of the sketch and power passes when the caller gives none.
+
+    float64 input steers its subspace in float32 (GEMMs twice as fast; the last
+    range pass and the projection are float64, as for bfloat16 under float32).
+    """
     if dtype == torch.float32 and native_bf16(device):
         return torch.bfloat16
+    if dtype == torch.float64:
+        return torch.float32
     return dtype
 
 

@@ -397,10 +397,12 @@ def test_center_equals_factoring_the_centred_matrix(center, sparse):
     dense = _sparse_case(seed=1, batch=(2,)).double() + 0.5  # non-zero means
     centred = dense - (dense.mean(-2, keepdim=True) if center == "columns" else dense.mean(-1, keepdim=True))
     A = dense.to_sparse() if sparse else dense
-    U, S, Vh = svdkernels.rsvd(A, 5, oversample=30, n_iter=4, center=center, seed=0)
-    # Same test matrix, same float64 passes: the implicit centring gives the factors
-    # of the explicitly centred matrix, to float64 rounding.
-    U2, S2, Vh2 = svdkernels.rsvd(centred, 5, oversample=30, n_iter=4, seed=0)
+    # Same test matrix, every pass float64 (sparse A always is; dense float64 steers
+    # in float32 unless told): the implicit centring gives the factors of the
+    # explicitly centred matrix, to float64 rounding.
+    f64 = torch.float64
+    U, S, Vh = svdkernels.rsvd(A, 5, oversample=30, n_iter=4, center=center, seed=0, sketch_dtype=f64)
+    U2, S2, Vh2 = svdkernels.rsvd(centred, 5, oversample=30, n_iter=4, seed=0, sketch_dtype=f64)
     torch.testing.assert_close(S, S2, rtol=1e-10, atol=0)
     torch.testing.assert_close(U @ U.mT, U2 @ U2.mT, rtol=0, atol=1e-9)
     # and they are accurate for it (a flat random spectrum: within 1e-4 of exact)
