@@ -12,11 +12,11 @@ from svdkernels.ops.lowrank_attention import RoPE, lowrank_attention, lowrank_at
 from svdkernels.ops.lowrank_quant import lowrank_quantize_act, lowrank_w4a4_gemm, lowrank_w4a16_linear
 from svdkernels.ops.rsvd import rsvd
 from svdkernels.linalg import select_rank
-from svdkernels import kv
+from svdkernels import analysis, kv
 
 __all__ = [
     "adapt", "adapters", "kpsvd", "kron_linear", "lowrank_quantize_act", "lowrank_w4a4_gemm", "lowrank_w4a16_linear",
     "quant", "rsvd", "select_rank", "use_backend",
-    "RoPE", "kv", "lowrank_attention", "lowrank_attention_with_tail", "merge_attention",
+    "RoPE", "analysis", "kv", "lowrank_attention", "lowrank_attention_with_tail", "merge_attention",
 ]
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ from typing import Union
 import torch
 
 from svdkernels.backends import select_backend, traced_triton
+from svdkernels.ops.registration import triton_op
 from svdkernels.reference import kron_linear as reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -112,7 +113,7 @@ def _kron_linear_dispatch_op(x: torch.Tensor, A: list[torch.Tensor], B: list[tor
     return y.reshape(*x.shape[:-1], a1 * b1)
 
 
-@torch.library.triton_op("svdkernels::kron_linear", mutates_args=())
+@triton_op("svdkernels::kron_linear", mutates_args=())
 def kron_linear_op(x: torch.Tensor, A: list[torch.Tensor], B: list[torch.Tensor], scale: float) -> torch.Tensor:
     """``torch.ops.svdkernels.kron_linear``; see :func:`kron_linear`.
 
@@ -154,7 +155,7 @@ def _kron_linear_backward_dispatch_op(
     return _pack_grads(x, gx, gA, gB)
 
 
-@torch.library.triton_op("svdkernels::kron_linear_backward", mutates_args=())
+@triton_op("svdkernels::kron_linear_backward", mutates_args=())
 def kron_linear_backward_op(
     grad_y: torch.Tensor, x: torch.Tensor, A: list[torch.Tensor], B: list[torch.Tensor], scale: float,
     needs_x: bool, needs_A: bool, needs_B: bool,

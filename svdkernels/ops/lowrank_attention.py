@@ -38,6 +38,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from svdkernels.backends import select_backend, traced_triton
+from svdkernels.ops.registration import triton_op
 from svdkernels.reference import lowrank_attention as reference
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -245,7 +246,7 @@ def _lowrank_attention_dispatch_op(
     return reference.lowrank_attention(*args)
 
 
-@torch.library.triton_op("svdkernels::lowrank_attention", mutates_args=())
+@triton_op("svdkernels::lowrank_attention", mutates_args=())
 def lowrank_attention_op(
     q: torch.Tensor,
     k_latent: torch.Tensor,

@@ -28,6 +28,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from svdkernels.backends import select_backend, traced_triton
+from svdkernels.ops.registration import triton_op
 from svdkernels.formats.int4 import (
     GROUP_SIZE,
     dequantize_weight,
@@ -245,7 +246,7 @@ def _w4a16_dispatch_op(
     return _dispatch_w4a16(x, qweight, scales, L_down, L_up, bias)
 
 
-@torch.library.triton_op("svdkernels::lowrank_w4a16_linear", mutates_args=())
+@triton_op("svdkernels::lowrank_w4a16_linear", mutates_args=())
 def lowrank_w4a16_linear_op(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -392,7 +393,7 @@ def _quantize_act_dispatch_op(
     return reference.lowrank_quantize_act(x, smooth, L_down, unsigned)
 
 
-@torch.library.triton_op("svdkernels::lowrank_quantize_act", mutates_args=())
+@triton_op("svdkernels::lowrank_quantize_act", mutates_args=())
 def lowrank_quantize_act_op(
     x: torch.Tensor, smooth: torch.Tensor, L_down: torch.Tensor, unsigned: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -464,7 +465,7 @@ def _w4a4_dispatch_op(
     return reference.lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
 
 
-@torch.library.triton_op("svdkernels::lowrank_w4a4_gemm", mutates_args=())
+@triton_op("svdkernels::lowrank_w4a4_gemm", mutates_args=())
 def lowrank_w4a4_gemm_op(
     xq: torch.Tensor,
     xscale: torch.Tensor,
