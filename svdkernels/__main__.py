@@ -1,5 +1,6 @@
-"""Command line: ``python -m svdkernels bench [--quick] [--only FAMILY ...] [--out DIR] [--repeats N]``
-and ``python -m svdkernels analyze spectra|intruders|gradients|heads|mnn [--model PATH] ...``."""
+"""Command line: ``python -m svdkernels bench [--quick] [--only FAMILY ...] [--out DIR] [--repeats N]``,
+``python -m svdkernels analyze spectra|intruders|gradients|heads|mnn [--model PATH] ...`` and
+``python -m svdkernels gpucheck --out DIR [--dry-run]``."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,14 @@ def _parser() -> argparse.ArgumentParser:
         description="Spectra of every linear weight, intruder dimensions against a fine-tuned model, per-sample "
         "gradient spectra, head composition or the Matrix Nuclear-Norm score; writes DIR/<what>.json and .png.",
     ))
+    from svdkernels import gpucheck  # standard library only: --help stays instant
+
+    gpucheck.configure(sub.add_parser(
+        "gpucheck",
+        help="prove the kernels on a GPU: kernel tests, bench, report (JSON + markdown + PNG)",
+        description="Environment, optional C++ build, the kernel tests with the interpreter off, the quick "
+        "bench on CUDA and a report in DIR, each stage under a time budget; --dry-run runs it all on the CPU.",
+    ))
     return parser
 
 
@@ -59,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from svdkernels.analysis import cli as analyze_cli
 
         return analyze_cli.run(args, parser.error)
+    elif args.command == "gpucheck":
+        from svdkernels import gpucheck
+
+        return gpucheck.run_cli(args, parser.error)
     return 0
 
 
