@@ -42,11 +42,10 @@ class Spectrum:
 
 
 EIGH_DTYPE: dict[torch.dtype, torch.dtype] = {torch.float64: torch.float64}
-"""Precision of the eigendecomposition per weight dtype (default float32). The
-matrices decomposed are formed from float64 statistics; decomposing them in the
-weights' own precision (as the SVD-LLM code's float32 SVD does) halves the
-dominant cost, and what it perturbs, the smallest eigenvalues, is what truncation
-drops."""
+"""Precision of the spectral products and eigendecompositions per weight dtype
+(default float32). The statistics are accumulated in float64; decomposing in the
+weights' own precision (as the SVD-LLM code's float32 SVD does) halves the dominant
+cost, and what it perturbs, the smallest eigenvalues, is what truncation drops."""
 
 
 def _eigh_desc(C: torch.Tensor, weight_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +67,13 @@ def left_spectrum(W: torch.Tensor, *, p: Optional[torch.Tensor] = None, P: Optio
     """Spectrum of ``W·L`` for ``W [B, m, n]`` float64 and the input metric given as
     ``p [B, n]`` (diagonal ``P``), or ``P [B, n, n]`` with its Cholesky factor ``L``,
     or neither (``P = I``). Uses the ``[m, m]`` side when ``m ≤ n``, else ``[n, n]``.
-    ``weight_dtype``: the original weights' dtype (:data:`EIGH_DTYPE`)."""
+    ``weight_dtype``: the original weights' dtype; the products and the
+    eigendecomposition run in :data:`EIGH_DTYPE` of it, the basis is returned in
+    ``W``'s dtype."""
     m, n = W.shape[-2:]
+    out_dtype = W.dtype
+    cd = EIGH_DTYPE.get(weight_dtype, torch.float32)
+    W, p, P, L = (None if t is None else t.to(cd) for t in (W, p, P, L))
     if m <= n:
         if p is not None:
             C = (W * p.unsqueeze(-2)) @ W.mT
@@ -78,7 +82,7 @@ def left_spectrum(W: torch.Tensor, *, p: Optional[torch.Tensor] = None, P: Optio
         else:
             C = W @ W.mT
         lam, U = _eigh_desc(C, weight_dtype)
-        return Spectrum(lam, U)
+        return Spectrum(lam.to(out_dtype), U.to(out_dtype))
     if p is not None:
         WL = W * p.sqrt().unsqueeze(-2)
     elif L is not None:
@@ -86,8 +90,9 @@ def left_spectrum(W: torch.Tensor, *, p: Optional[torch.Tensor] = None, P: Optio
     else:
         WL = W
     lam, V = _eigh_desc(WL.mT @ WL, weight_dtype)
+    lam, V = lam.to(cd), V.to(cd)
     U = (WL @ V) / _safe(lam).sqrt().unsqueeze(-2)
-    return Spectrum(lam, U)
+    return Spectrum(lam.to(out_dtype), U.to(out_dtype))
 
 
 def output_spectrum(C: torch.Tensor, weight_dtype: torch.dtype = torch.float64) -> Spectrum:
