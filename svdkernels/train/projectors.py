@@ -65,8 +65,8 @@ def warm_subspace(G: torch.Tensor, previous: torch.Tensor, rank: int, right: boo
 
     Subspace iteration (Halko et al. 2011, Alg. 4.4) from ``Q₀ = [previousᵀ, Ω]``: the
     previous bases ``[b, r, k]`` plus ``oversample`` Gaussian columns; ``iters`` passes
-    ``Q ← orth(Xᵀ·X·Q)``; then Rayleigh-Ritz (``B = X·Q``, ``B = U·S·Wᵀ``, basis ``Q·W``)
-    so the rows come out sorted by singular value. If the subspace has not moved, one
+    ``Q ← orth(Xᵀ·X·Q)``; then Rayleigh-Ritz (``B = X·Q``, ``W`` = the eigenvectors of
+    ``BᵀB``, basis ``Q·W``) so the rows come out sorted by singular value. If the subspace has not moved, one
     pass recovers it to the accuracy of a converged power iteration.
     """
     X = _oriented(G, right)  # [b, a, k]
@@ -80,9 +80,14 @@ def warm_subspace(G: torch.Tensor, previous: torch.Tensor, rank: int, right: boo
     Q = _orthonormal_columns(torch.cat(cols, -1)[..., :width])
     for _ in range(iters):
         Q = _orthonormal_columns(X.mT @ (X @ Q))
+    # Rayleigh-Ritz on the small Gram BᵀB = Qᵀ·XᵀX·Q [width, width] (float64): its
+    # eigenvectors are B's right singular vectors. LAPACK's SVD of the tall B itself is
+    # many times slower on the CPU (gesdd on [688, 72] x 8: ~8 s against ~5 ms here).
     B = X @ Q  # [b, a, width]
-    _, _, Wh = torch.linalg.svd(B, full_matrices=False)
-    return (Wh[:, :rank] @ Q.mT).contiguous()  # [b, r, k]
+    gram = (B.mT @ B).double()
+    _, vecs = torch.linalg.eigh(gram)  # ascending
+    W = vecs.flip(-1)[..., :rank].to(X.dtype)  # [b, width, r], largest first
+    return (W.mT @ Q.mT).contiguous()  # [b, r, k]
 
 
 @functools.lru_cache(maxsize=16)
