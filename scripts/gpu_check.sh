@@ -4,7 +4,10 @@
 # Runs `python -m svdkernels gpucheck --out OUT_DIR` from this working tree with the
 # machine's own python, torch and triton: nothing is installed or downloaded (the
 # package is found through PYTHONPATH). Exit status 0 when every stage passed.
-# PYTHON overrides the interpreter (default: python3, else python).
+# PYTHON overrides the interpreter (default: python3, else python). Where the machine
+# lacks pure-Python test tools (pytest, pytest-xdist), put them in .gpucheck-vendor/
+# of the working tree beforehand (pip install --target .gpucheck-vendor pytest
+# pytest-xdist on a machine with a registry): it goes on PYTHONPATH after the tree.
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -* ]]; then
@@ -16,5 +19,9 @@ shift
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-$(command -v python3 || command -v python)}"
 cd "$repo"
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+vendor=""
+if [[ -d "$repo/.gpucheck-vendor" ]]; then
+    vendor=":$repo/.gpucheck-vendor"
+fi
+export PYTHONPATH="$repo$vendor${PYTHONPATH:+:$PYTHONPATH}"
 exec "$python" -m svdkernels gpucheck --out "$out" "$@"

@@ -60,6 +60,7 @@ def test_dry_run_json_schema(dry_run):
         assert 0 <= s["wall_s"] <= s["budget_s"] + 10
     env = doc["environment"]
     assert env["svdkernels_import"] == "ok" and env["torch"] and env["triton"]
+    assert env["svdkernels_loaded_triton"] is False and env["packages"]["pytest"] is True
     assert set(gpucheck.OPS) <= set(env["ops"])  # every op registered on this torch
     tests = doc["kernel_tests"]
     assert set(tests["families"]) >= FAMILIES and tests["complete"] is True
