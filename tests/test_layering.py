@@ -22,7 +22,7 @@ FORMATS = {"formats"}
 OPS = {"ops", "reference", "triton"}
 LINALG = {"linalg", "calibration"}
 LAYERS = {"adapters", "quant", "kv", "train", "compress", "analysis"}
-TOP = {"bench", "__main__", "__init__", "cli"}
+TOP = {"bench", "gpucheck", "__main__", "__init__", "cli"}
 
 # What each part of the package may import from svdkernels (besides itself).
 ALLOWED: dict[str, set[str]] = {
