@@ -78,7 +78,7 @@ def _check_finite(name: str, layer: nn.Linear) -> None:
     # only a non-finite sum (which a huge finite weight could also cause) needs the
     # entrywise check.
     if not torch.isfinite(W.sum(dtype=torch.float64)) and not torch.isfinite(W).all():
-        raise ValueError(f"{name}.weight: expected finite values, got NaN or inf")
+        raise ValueError(f"model: expected finite weights in the target layers, got NaN or inf in {name + '.' if name else ''}weight")
 
 
 def _shape_groups(layers: dict[str, nn.Linear]) -> dict[tuple, list[str]]:
