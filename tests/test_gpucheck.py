@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from svdkernels import gpucheck
-from svdkernels.gpucheck import Context, StageResult, call, run_stages
+from svdkernels.gpucheck.stages import BODIES
+from svdkernels.gpucheck import Context, call, run_stages
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
@@ -238,3 +239,47 @@ def test_roofline_fraction_and_markdown_of_a_failed_run():
     assert "| kernel_tests | timeout | 180.0 | 180 | cut \\| at its budget |" in md
     assert "Cut by the budget" in md and "| rsvd | FAIL | 3 | 1 | 0 | 0 |" in md and "- `t::x`: boom" in md
     assert "| rsvd | w | roofline (hw limit) | 2 | 0.5 | 0.25 | memory |" in md
+
+
+def _fake_python(tmp_path: Path, body: str = "exit 0") -> tuple[str, Path]:
+    """An executable standing in for the machine's python: it records its arguments and
+    TRITON_INTERPRET, then runs ``body``."""
+    log = tmp_path / "calls.txt"
+    exe = tmp_path / "fake-python"
+    exe.write_text(f'#!/bin/sh\necho "interpret=${{TRITON_INTERPRET:-unset}} $*" >> "{log}"\n{body}\n')
+    exe.chmod(0o755)
+    return str(exe), log
+
+
+def test_gpu_mode_commands(tmp_path):
+    # The commands the real GPU run would start, checked without a GPU: interpreter
+    # off, every kernel test but the compile check, the bench on CUDA per family.
+    python, log = _fake_python(tmp_path)
+    ctx = Context(repo=REPO, out_dir=tmp_path, work=tmp_path, dry_run=False, python=python)
+    ctx.data["environment"] = {"cuda_available": True}
+    stages = [(name, 30.0, BODIES[name]) for name in ("build", "kernel_tests", "bench")]
+    results = {r.name: r for r in run_stages(ctx, stages)}
+    calls = log.read_text().splitlines()
+    assert all(c.startswith("interpret=unset ") for c in calls), calls
+    assert calls[0].endswith("setup.py -q build_ext --inplace") and results["build"].status == "ok"
+    pytest_call = next(c for c in calls if " -m pytest " in c)
+    assert " tests/triton tests/ops " in pytest_call and "--ignore=tests/triton/test_compile.py" in pytest_call
+    assert " -k " not in pytest_call and "--junitxml=" in pytest_call
+    bench_calls = [c for c in calls if " -m svdkernels bench " in c]
+    assert [c.split("--only ")[1].split()[0] for c in bench_calls] == list(gpucheck.BENCH_FAMILIES)
+    assert all("--quick --device cuda" in c and "--repeats" not in c for c in bench_calls)
+    # The fake ran no test and wrote no bench.json: both stages say so.
+    assert results["kernel_tests"].status == "failed" and results["kernel_tests"].note == "no test ran"
+    assert results["bench"].status == "failed"
+
+
+def test_a_cut_or_failed_build_is_optional(tmp_path):
+    python, _ = _fake_python(tmp_path, "sleep 30")
+    ctx = Context(repo=REPO, out_dir=tmp_path, work=tmp_path, dry_run=False, python=python)
+    ctx.data["environment"] = {"cuda_available": True}
+    [cut] = run_stages(ctx, [("build", 1.0, BODIES["build"])])
+    assert cut.status == "skipped" and "cut at its budget of 1 s (optional)" in cut.note and cut.wall_s < 10
+    python, _ = _fake_python(tmp_path, "exit 1")
+    ctx.python = python
+    [failed] = run_stages(ctx, [("build", 10.0, BODIES["build"])])
+    assert failed.status == "skipped" and "not built" in failed.note
