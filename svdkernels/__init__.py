@@ -6,17 +6,18 @@ initialises CUDA, imports triton, compiles or downloads anything.
 from svdkernels import adapters, quant
 from svdkernels.adapters.adapt import adapt
 from svdkernels.backends import use_backend
+from svdkernels.errors import FormatError
 from svdkernels.linalg import kpsvd
 from svdkernels.ops.kron_linear import kron_linear
 from svdkernels.ops.lowrank_attention import RoPE, lowrank_attention, lowrank_attention_with_tail, merge_attention
 from svdkernels.ops.lowrank_quant import lowrank_quantize_act, lowrank_w4a4_gemm, lowrank_w4a16_linear
 from svdkernels.ops.rsvd import rsvd
 from svdkernels.linalg import select_rank
-from svdkernels import analysis, kv
+from svdkernels import analysis, compress, kv
 
 __all__ = [
-    "adapt", "adapters", "kpsvd", "kron_linear", "lowrank_quantize_act", "lowrank_w4a4_gemm", "lowrank_w4a16_linear",
+    "FormatError", "adapt", "adapters", "kpsvd", "kron_linear", "lowrank_quantize_act", "lowrank_w4a4_gemm", "lowrank_w4a16_linear",
     "quant", "rsvd", "select_rank", "use_backend",
-    "RoPE", "analysis", "kv", "lowrank_attention", "lowrank_attention_with_tail", "merge_attention",
+    "RoPE", "analysis", "compress", "kv", "lowrank_attention", "lowrank_attention_with_tail", "merge_attention",
 ]
 __version__ = "0.1.0"

@@ -229,7 +229,7 @@ def _count(quick: bool) -> int:
     return 2 if quick else len(KEEPS) + 2
 
 
-@register("compress", count=_count, legend=LEGEND)
+@register("compress", count=_count, legend=LEGEND, plot=lambda rows, path: write_png(rows, path))
 def bench_compress(quick: bool, repeats: int) -> Iterator[Row | str]:
     """Every compression method and budget on MiniLM; the speed targets."""
     yield from _bench_minilm(quick, repeats)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from svdkernels.bench.rows import Row
@@ -24,26 +25,33 @@ class Family:
     fn: Callable[[bool, int], Iterable[Row | str]]
     count: Callable[[bool], int] | None = None
     legend: str = ""
+    plot: Callable[[Sequence[Row], Path], bool] | None = None
 
 
 FAMILIES: dict[str, Family] = {}
 
 
 def register(
-    name: str, *, count: Callable[[bool], int] | None = None, legend: str = ""
+    name: str,
+    *,
+    count: Callable[[bool], int] | None = None,
+    legend: str = "",
+    plot: Callable[[Sequence[Row], Path], bool] | None = None,
 ) -> Callable[[T], T]:
     """Register ``fn(quick, repeats)`` as benchmark family ``name``.
 
     ``fn`` yields :class:`Row` objects, and may yield a workload's name (a ``str``)
     right before measuring it. ``count(quick)`` is the number of workloads, for
     the progress bar's total; ``legend`` is printed under the family's table to
-    explain its error columns.
+    explain its error columns; ``plot(rows, path)``, if given, draws the family's
+    own picture (``OUT/<name>.png``, beside the shared ``bench.png``) and returns
+    whether it wrote one.
     """
 
     def deco(fn: T) -> T:
         if name in FAMILIES:
             raise ValueError(f"register(name): family {name!r} is already registered")
-        FAMILIES[name] = Family(name, fn, count, legend)  # type: ignore[arg-type]
+        FAMILIES[name] = Family(name, fn, count, legend, plot)  # type: ignore[arg-type]
         return fn
 
     return deco

@@ -5,6 +5,7 @@ peaks.py, report.py."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,11 +95,16 @@ def run(
         peaks=dataclasses.asdict(peaks),
         settings={"quick": quick, "repeats": repeats, "families": names},
     )
-    # The plot is optional: a plotting failure must not fail a finished run.
-    try:
-        plotted = write_plot(out_dir / "bench.png", results)
-    except Exception as e:  # noqa: BLE001
-        print(f"bench: could not write bench.png: {e}", file=sys.stderr)
-        plotted = False
-    print(f"wrote {out_dir / 'bench.json'}" + (f" and {out_dir / 'bench.png'}" if plotted else ""))
+    # Plots are optional: a plotting failure must not fail a finished run.
+    pictures = [("bench.png", lambda path: write_plot(path, results))]
+    pictures += [(f"{name}.png", functools.partial(families[name].plot, results[name]))
+                 for name in names if families[name].plot is not None]
+    written = []
+    for filename, draw in pictures:
+        try:
+            if draw(out_dir / filename):
+                written.append(str(out_dir / filename))
+        except Exception as e:  # noqa: BLE001
+            print(f"bench: could not write {filename}: {e}", file=sys.stderr)
+    print(f"wrote {out_dir / 'bench.json'}" + (f" and {', '.join(written)}" if written else ""))
     return results

@@ -11,6 +11,7 @@ or ``[u [r, p, k], v [r, k, q]]`` for the low-rank form ``u @ v`` (peft LoKr's
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Union
 
@@ -71,6 +72,8 @@ def validate(x: torch.Tensor, A: Sequence[torch.Tensor], B: Sequence[torch.Tenso
                          f"got {x.shape[-1]}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:

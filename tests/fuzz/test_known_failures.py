@@ -37,7 +37,7 @@ def _attention_operands():
 
 @pytest.mark.parametrize("theta,scaling", [(-1.0, 1.0), (0.0, 1.0), (10000.0, 0.0), (math.nan, 1.0)])
 def test_rope_parameters_through_the_op(theta, scaling):
-    COUNTS["known failures: torch.ops.svdkernels.lowrank_attention"] += 1
+    COUNTS["op regressions: torch.ops.svdkernels.lowrank_attention"] += 1
     q, kl, vl, kb, vb = _attention_operands()
     _raises_named(lambda: torch.ops.svdkernels.lowrank_attention(q, kl, vl, kb, vb, None, True, 0.35, True, theta,
                                                                   scaling, 0, 8), ["rope_theta", "rope_scaling"])
@@ -45,7 +45,7 @@ def test_rope_parameters_through_the_op(theta, scaling):
 
 @pytest.mark.parametrize("causal", ["no", "False", 0.5, None])
 def test_causal_must_be_a_bool(causal):
-    COUNTS["known failures: lowrank_attention"] += 1
+    COUNTS["op regressions: lowrank_attention"] += 1
     q, kl, vl, kb, vb = _attention_operands()
     _raises_named(lambda: svdkernels.lowrank_attention(q, kl, vl, kb, vb, causal=causal), ["causal"])
 
@@ -53,7 +53,7 @@ def test_causal_must_be_a_bool(causal):
 @pytest.mark.parametrize("A_shape,B_shape,K", [((1, 4, 0), (1, 4, 4), 0), ((1, 4, 4), (1, 0, 4), 16),
                                                ((1, 4, 4), (1, 4, 0), 0)], ids=["a2=0", "b1=0", "b2=0"])
 def test_kron_linear_zero_size_factor(A_shape, B_shape, K):
-    COUNTS["known failures: kron_linear"] += 1
+    COUNTS["op regressions: kron_linear"] += 1
     x, A, B = torch.randn(3, K), torch.randn(*A_shape), torch.randn(*B_shape)
     try:
         y = svdkernels.kron_linear(x, A, B)
@@ -66,7 +66,7 @@ def test_kron_linear_zero_size_factor(A_shape, B_shape, K):
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_w4a16_gradients_of_x_and_L_up(backend):
-    COUNTS["known failures: lowrank_w4a16_linear autograd"] += 1
+    COUNTS["op regressions: lowrank_w4a16_linear autograd"] += 1
     if backend == "cpp":
         pytest.importorskip("svdkernels._C")
     g = torch.Generator().manual_seed(0)
@@ -89,7 +89,7 @@ def test_w4a16_gradients_of_x_and_L_up(backend):
 @pytest.mark.parametrize("case", ["x-meta-rest-cpu", "all-meta-bad-K", "all-meta-bad-rank"])
 def test_cpp_meta_kernel(case):
     """No data is read on these paths (meta), so they are safe in this process."""
-    COUNTS["known failures: torch.ops.svdkernels._cpp_lowrank_w4a16_linear"] += 1
+    COUNTS["op regressions: torch.ops.svdkernels._cpp_lowrank_w4a16_linear"] += 1
     pytest.importorskip("svdkernels._C")
     qw, s = quantize_weight(torch.randn(32, 64))
     x, Ld, Lu = torch.randn(2, 64), torch.randn(16, 64), torch.randn(32, 16)
@@ -110,7 +110,7 @@ def test_cpp_meta_kernel(case):
 
 @pytest.mark.parametrize("value", [0.0, -1.0, math.nan])
 def test_quantize_act_smoothing_factors(value):
-    COUNTS["known failures: lowrank_quantize_act"] += 1
+    COUNTS["op regressions: lowrank_quantize_act"] += 1
     smooth = torch.ones(64)
     smooth[3] = value
     _raises_named(lambda: svdkernels.lowrank_quantize_act(torch.randn(2, 64), smooth, torch.randn(16, 64)),
@@ -120,7 +120,7 @@ def test_quantize_act_smoothing_factors(value):
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rsvd_non_finite_entry(value, dtype):
-    COUNTS["known failures: rsvd"] += 1
+    COUNTS["op regressions: rsvd"] += 1
     A = torch.randn(6, 5).to(dtype)
     A[1, 2] = value
     _raises_named(lambda: svdkernels.rsvd(A, 2, seed=0), ["A"])

@@ -137,8 +137,12 @@ def test_never_forms_the_kronecker_product(lowrank):
          ValueError, ["A", "do not chain"]),
         (lambda: svdkernels.kron_linear(torch.randn(2, 12), torch.randn(3, 4), torch.randn(5, 3), scale="2"),
          TypeError, ["scale", "str"]),
+        (lambda: torch.ops.svdkernels.kron_linear(torch.randn(2, 12), [torch.randn(1, 4, 4)], [torch.randn(1, 5, 3)],
+                                                  float("nan")),
+         ValueError, ["scale", "finite", "nan"]),
     ],
-    ids=["r-mismatch", "in-features", "int-x", "dtype-mismatch", "bad-factor", "1d-factor", "no-chain", "scale"],
+    ids=["r-mismatch", "in-features", "int-x", "dtype-mismatch", "bad-factor", "1d-factor", "no-chain", "scale",
+         "nan-scale-through-the-op"],
 )
 def test_bad_input_names_the_argument(call, exc, words):
     assert_raises_naming(call, exc, words)
