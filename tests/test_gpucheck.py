@@ -283,3 +283,32 @@ def test_a_cut_or_failed_build_is_optional(tmp_path):
     ctx.python = python
     [failed] = run_stages(ctx, [("build", 10.0, BODIES["build"])])
     assert failed.status == "skipped" and "not built" in failed.note
+
+
+def test_several_bench_families_are_merged_into_one_plot(tmp_path):
+    # Each family runs in its own child; the report redraws one bench.png from all rows.
+    rows = [{"workload": "w", "method": m, "time_ms": t, "kind": k, "errors": {}, "note": "", "extra": {},
+             "family": "", "vs_ours": None} for m, t, k in (("ours", 2.0, "ours"), ("peer", 3.0, "peer"))]
+    merged = {"machine": {}, "peaks": {}, "families": {"rsvd": rows, "kron_linear": rows}}
+    ctx = Context(repo=REPO, out_dir=tmp_path, work=tmp_path, dry_run=True)
+    ctx.data["bench"] = {"status": {"rsvd": {"status": "ok", "wall_s": 1.0, "png": "a.png"},
+                                    "kron_linear": {"status": "ok", "wall_s": 1.0, "png": "b.png"}},
+                         "doc": merged}
+    [report] = run_stages(ctx, [("report", 60.0, BODIES["report"])])
+    assert report.status == "ok" and ctx.data["files"] == sorted(
+        ["bench.json", "bench.png", "gpucheck.json", "gpucheck.log", "report.md"])
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "bench.json").read_text())["families"].keys() == {"rsvd", "kron_linear"}
+
+
+def test_a_slow_bench_family_is_cut_at_its_share_and_the_next_runs(tmp_path):
+    python, log = _fake_python(tmp_path, 'case "$*" in *"--only rsvd"*) sleep 30;; esac\nexit 0')
+    ctx = Context(repo=REPO, out_dir=tmp_path, work=tmp_path, dry_run=False, python=python)
+    ctx.data.update(environment={"cuda_available": True}, bench_families=["rsvd", "kron_linear"])
+    [bench] = run_stages(ctx, [("bench", 4.0, BODIES["bench"])])
+    status = ctx.data["bench"]["status"]
+    assert status["rsvd"]["status"] == "timeout" and 1.5 < status["rsvd"]["wall_s"] < 4
+    assert status["kron_linear"]["status"] == "failed"  # it ran (the stand-in writes no bench.json)
+    assert "--only kron_linear" in log.read_text()
+    assert bench.status == "timeout" and bench.note == ("cut at their share of the budget: rsvd; "
+                                                        "failed: kron_linear")
