@@ -7,7 +7,8 @@ from svdkernels import adapters, quant
 from svdkernels.adapters.adapt import adapt
 from svdkernels.backends import use_backend
 from svdkernels.errors import FormatError
-from svdkernels.linalg import kpsvd
+from svdkernels import linalg
+from svdkernels.linalg import kpsvd, kron_sbl, pca_lowrank, pivoted_qr, robust_svd, select_columns, svd_lowrank
 from svdkernels.ops.kron_linear import kron_linear
 from svdkernels.ops.lowrank_attention import RoPE, lowrank_attention, lowrank_attention_with_tail, merge_attention
 from svdkernels.ops.lowrank_quant import lowrank_quantize_act, lowrank_w4a4_gemm, lowrank_w4a16_linear
@@ -18,6 +19,7 @@ from svdkernels import analysis, compress, kv
 __all__ = [
     "FormatError", "adapt", "adapters", "kpsvd", "kron_linear", "lowrank_quantize_act", "lowrank_w4a4_gemm", "lowrank_w4a16_linear",
     "quant", "rsvd", "select_rank", "use_backend",
+    "linalg", "kron_sbl", "pca_lowrank", "pivoted_qr", "robust_svd", "select_columns", "svd_lowrank",
     "RoPE", "analysis", "compress", "kv", "lowrank_attention", "lowrank_attention_with_tail", "merge_attention",
 ]
 __version__ = "0.1.0"
