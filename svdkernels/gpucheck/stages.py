@@ -288,7 +288,7 @@ def _stage_bench(ctx: Context, clock: Clock, result: StageResult) -> None:
         result.status = "timeout" if cut else "failed"
         result.note = "; ".join(notes)
     else:
-        result.note = f"{len(families)} families: {', '.join(families)}"
+        result.note = f"{len(families)} famil{'y' if len(families) == 1 else 'ies'}: {', '.join(families)}"
 
 
 def _stage_report(ctx: Context, clock: Clock, result: StageResult) -> None:
