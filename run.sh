@@ -20,6 +20,11 @@ setup() {
     # Dependencies already satisfied are left alone (pip's only-if-needed
     # strategy), so this never replaces the torch found above.
     "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test,bench]"
+    # The optimiser peers (tests and bench), without their dependencies: their
+    # requirements would let pip replace the installed torch. bitsandbytes is what
+    # galore-torch's module imports.
+    "$PY" -m pip install -q --disable-pip-version-check --no-deps \
+        "galore-torch==1.0" "bitsandbytes==0.50.2" "q-galore-torch==1.0" "apollo-torch==1.0.3"
 }
 
 cmd=${1:-}
