@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from svdkernels.testing.models import minilm_model, sentence_embeddings
 from svdkernels.bench import Row, register, time_fn
 from svdkernels.calibration import output_hooks, run_batches
 from svdkernels.compress import METHODS, LowRankLinear, compress_model
@@ -54,38 +55,17 @@ TARGETS = r"encoder\..*"
 OURS = ("svd_llm", "global")
 
 
-@functools.lru_cache(maxsize=1)
-def _minilm() -> tuple[nn.Module, Any]:
-    import transformers
-
-    from svdkernels.testing.models import minilm_dir
-
-    path = str(minilm_dir())
-    return transformers.AutoModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
-
-
 @functools.lru_cache(maxsize=4)
 def texts(block: int, calib_blocks: int, eval_blocks: int) -> tuple[list, list]:
     """Calibration and held-out batches (one sequence of ``block`` tokens each)."""
     from svdkernels.testing.text import CALIB_MODULES, HELDOUT_MODULES, stdlib_text, token_blocks
 
-    tok = _minilm()[1]
+    tok = minilm_model()[1]
     calib = token_blocks(tok, stdlib_text(CALIB_MODULES), block=block, n_blocks=calib_blocks)
     held = token_blocks(tok, stdlib_text(HELDOUT_MODULES), block=block // 2, n_blocks=eval_blocks)
     if len(calib) < calib_blocks or len(held) < eval_blocks:
         raise RuntimeError(f"built-in text too short: {len(calib)} calibration, {len(held)} held-out blocks")
     return calib, held
-
-
-def embeddings(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Sentence embeddings ``[S, hidden]``: mean-pooled last hidden state, L2-normalised."""
-    out = []
-    with torch.no_grad():
-        for b in batches:
-            h = model(**b).last_hidden_state
-            mask = b["attention_mask"][..., None].to(h.dtype)
-            out.append(F.normalize((h * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
 
 
 def layer_noise(reference: nn.Module, compressed: nn.Module, batches: Sequence[Any], names: Sequence[str]
@@ -131,7 +111,7 @@ def _measure(method: str, keep: float, budget: str, base: nn.Module, calib: list
     t0 = time.perf_counter()
     compress_model(model, calib, method=method, keep=keep, budget=budget, targets=targets)
     seconds = time.perf_counter() - t0
-    cos = (embeddings(model, held) * ref_emb).sum(-1)
+    cos = (sentence_embeddings(model, held) * ref_emb).sum(-1)
     noise = layer_noise(base, model, held, names)
     with torch.no_grad():
         # The dense model is timed right after, under the same machine load.
@@ -147,13 +127,13 @@ def _measure(method: str, keep: float, budget: str, base: nn.Module, calib: list
 
 
 def _bench_minilm(quick: bool, repeats: int) -> Iterator[Row | str]:
-    base = _minilm()[0]
+    base = minilm_model()[0]
     calib, held = texts(64 if quick else BLOCK, 4 if quick else CALIB_BLOCKS, 2 if quick else EVAL_BLOCKS)
     # quick: the first encoder block only (6 layers), the same pipeline in seconds.
     targets = r"encoder\.layer\.0\..*" if quick else TARGETS
     names = [n for n, m in base.named_modules() if type(m) is nn.Linear and re.fullmatch(targets, n)]
     dense_params = linear_params(base, names)
-    ref_emb = embeddings(base, held)
+    ref_emb = sentence_embeddings(base, held)
     fwd_batch = _forward_batch(256 if quick else 2048, 64 if quick else BLOCK)
     reps = max(1, min(repeats, 3))
     keeps = (0.6,) if quick else KEEPS
@@ -174,12 +154,12 @@ def _bench_minilm(quick: bool, repeats: int) -> Iterator[Row | str]:
 
 
 def _bench_speed_target(quick: bool, repeats: int) -> Iterator[Row | str]:
-    base = _minilm()[0]
+    base = minilm_model()[0]
     calib, held = texts(64 if quick else BLOCK, 2 if quick else 8, 2 if quick else EVAL_BLOCKS)
     tokens = sum(b["input_ids"].numel() for b in calib)
     workload = f"svd_llm keep 0.8, all 37 linears, {tokens} calibration tokens"
     yield workload
-    ref_emb = embeddings(base, held)
+    ref_emb = sentence_embeddings(base, held)
     names = [n for n, m in base.named_modules() if type(m) is nn.Linear]
     dense_params = linear_params(base, names)
     for budget in BUDGETS:
@@ -187,7 +167,7 @@ def _bench_speed_target(quick: bool, repeats: int) -> Iterator[Row | str]:
         t0 = time.perf_counter()
         compress_model(model, calib, method="svd_llm", keep=0.8, budget=budget)
         seconds = time.perf_counter() - t0
-        cos = (embeddings(model, held) * ref_emb).sum(-1)
+        cos = (sentence_embeddings(model, held) * ref_emb).sum(-1)
         yield Row(workload, f"svd_llm {budget}", seconds * 1e3, kind="ours" if budget == "global" else "peer",
                   errors={"cos": float(cos.mean()), "kept": linear_params(model, names) / dense_params},
                   note="target < 3000 ms incl. calibration")

@@ -17,7 +17,7 @@ Two workloads, every peer measured in the same run:
    q-galore-torch ``QGaLoreAdamW8bit`` and apollo-torch ``APOLLOAdamW`` where they import
    and run here. Per optimiser: mean step time (forward, backward and optimiser) over
    the last refresh period, the refresh alone, optimiser-state bytes, peak memory of one
-   step and held-out loss after the run; the loss curves go to ``optim_loss.png``.
+   step and held-out loss after the run; the loss curves go to ``OUT/optim.png``.
 
 Peak memory: CUDA's allocator peak on a GPU; on the CPU the peak of the running sum of
 the allocations and frees the profiler records during one step (``profile_memory``).
@@ -28,7 +28,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -39,7 +39,6 @@ from svdkernels.bench import Row, bench_device, register, time_fn
 from svdkernels.train import DCTAdamW, LowRankAdamW, QGaLoreAdamW, layerwise, lowrank_param_groups
 from svdkernels.train import projectors as proj
 
-PLOT_PATH = Path("bench-results") / "optim_loss.png"
 
 # ---------------------------------------------------------------------------- refresh
 
@@ -399,25 +398,29 @@ def _train(label: str, make: Callable[[torch.nn.Module], Any], wl: TrainWorkload
     return _Result(losses, sum(period) / len(period) * 1e3, sum(opt_period) / len(opt_period) * 1e3, refresh, state, projected, peak, peak_lw, heldout)
 
 
-def _plot(curves: dict[str, list[float]], title: str) -> Optional[str]:
+def plot_losses(rows: Sequence[Row], path: Path) -> bool:
+    """The training-loss curves of every optimiser that ran (``OUT/optim.png``, the
+    runner's per-family picture); False without matplotlib or curves."""
+    curves = {r.method: r.extra["losses"] for r in rows if r.extra.get("losses")}
+    if not curves:
+        return False
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return None
+        return False
     fig, ax = plt.subplots(figsize=(8, 5))
     for label, ys in curves.items():
         ax.plot(range(1, len(ys) + 1), ys, label=label, linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(next(r.workload for r in rows if r.extra.get("losses")), fontsize=9)
     ax.legend(fontsize=7)
-    PLOT_PATH.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT_PATH, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    return str(PLOT_PATH)
+    return True
 
 
 def _train_rows(quick: bool, wl: Optional[TrainWorkload] = None) -> Iterator[Row | str]:
@@ -428,7 +431,6 @@ def _train_rows(quick: bool, wl: Optional[TrainWorkload] = None) -> Iterator[Row
     train_blocks = token_blocks("train", wl.seq_len)
     heldout_blocks = token_blocks("heldout", wl.seq_len, max_blocks=wl.heldout_blocks)
     name = wl.name
-    curves: dict[str, list[float]] = {}
     results: dict[str, Optional[_Result]] = {}
     errors: dict[str, str] = {}
     for label, make in optimizers(wl).items():
@@ -437,11 +439,9 @@ def _train_rows(quick: bool, wl: Optional[TrainWorkload] = None) -> Iterator[Row
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 results[label] = _train(label, make, wl, train_blocks, heldout_blocks, device)
-            curves[label] = results[label].losses
         except Exception as e:  # a peer that does not import or run here: reported, not fatal
             results[label] = None
             errors[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-    png = _plot(curves, name)
     galore = results.get("galore-torch GaLoreAdamW")
     for label, res in results.items():
         kind = "ours" if label.startswith("ours: LowRankAdamW") else "peer"
@@ -454,7 +454,7 @@ def _train_rows(quick: bool, wl: Optional[TrainWorkload] = None) -> Iterator[Row
             errs["loss/galore"] = res.heldout / galore.heldout
         note = f"peak with layerwise: {res.peak_layerwise / 1e6:.1f} MB" if res.peak_layerwise is not None else ""
         yield Row(name, label, res.step_ms, kind=kind, errors=errs, note=note,
-                  extra={"losses": res.losses, "plot": png})
+                  extra={"losses": res.losses})
 
 
 LEGEND = (
@@ -466,7 +466,8 @@ LEGEND = (
 )
 
 
-@register("optim", count=lambda quick: 1 + len(optimizers(train_workload(quick))), legend=LEGEND)
+@register("optim", count=lambda quick: 1 + len(optimizers(train_workload(quick))), legend=LEGEND,
+          plot=plot_losses)
 def bench_optim(quick: bool, repeats: int) -> Iterator[Row | str]:
     """The projector refresh of a 7B block (quarter width) and a 20M Llama training run."""
     yield from _refresh_rows(quick, repeats)

@@ -23,16 +23,15 @@ included) on this machine; ``vs ours`` compares it with SVDQuant W4A4 r32.
 from __future__ import annotations
 
 import copy
-import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from svdkernels.testing.models import minilm_model, sentence_embeddings
 from svdkernels.bench import Row, register
 from svdkernels.quant import layer_sqnr, quantize_model, quantize_model_rtn
 from svdkernels.quant.model import linear_weight_bytes
@@ -60,33 +59,9 @@ EVAL_SENTENCES = (
 """Held-out sentences the numbers are measured on."""
 
 
-@functools.lru_cache(maxsize=1)
-def _minilm() -> tuple[nn.Module, Any]:
-    import transformers
-
-    from svdkernels.testing.models import minilm_dir
-
-    path = str(minilm_dir())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
-    return model, tokenizer
-
-
 def sentence_batches(tokenizer: Any, sentences: Sequence[str]) -> list[dict[str, torch.Tensor]]:
     """One tokenised batch per sentence (no padding, so every token is real)."""
     return [dict(tokenizer(s, return_tensors="pt")) for s in sentences]
-
-
-def embeddings(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Sentence embeddings ``[S, hidden]``: the last hidden state mean-pooled over
-    the attention mask, L2-normalised (sentence-transformers' pooling for MiniLM)."""
-    out = []
-    with torch.no_grad():
-        for b in batches:
-            h = model(**b).last_hidden_state
-            mask = b["attention_mask"][..., None].to(h.dtype)
-            out.append(F.normalize((h * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
 
 
 @dataclass
@@ -111,7 +86,7 @@ def measure(
 ) -> Result:
     """Quantise a copy of MiniLM with ``quantize(model, calib_batches)`` and measure it."""
     if base is None:
-        base, tokenizer = _minilm()
+        base, tokenizer = minilm_model()
     calib = sentence_batches(tokenizer, CALIB_SENTENCES)
     evals = sentence_batches(tokenizer, EVAL_SENTENCES)
     model = copy.deepcopy(base)
@@ -119,7 +94,7 @@ def measure(
     t0 = time.perf_counter()
     model = quantize(model, calib)
     seconds = time.perf_counter() - t0
-    cos = (embeddings(model, evals) * embeddings(base, evals)).sum(-1)
+    cos = (sentence_embeddings(model, evals) * sentence_embeddings(base, evals)).sum(-1)
     return Result(layer_sqnr(base, model, evals), cos, sum(linear_weight_bytes(model).values()), fp32_bytes, seconds)
 
 

@@ -93,7 +93,7 @@ def run(
         results,
         machine=machine,
         peaks=dataclasses.asdict(peaks),
-        settings={"quick": quick, "repeats": repeats, "families": names},
+        settings={"quick": quick, "repeats": repeats, "families": names, "out": str(out_dir)},
     )
     # Plots are optional: a plotting failure must not fail a finished run.
     pictures = [("bench.png", lambda path: write_plot(path, results))]

