@@ -24,6 +24,7 @@ from torch import nn
 
 from svdkernels.adapters.modules import set_module
 from svdkernels.compress.linear import LowRankLinear
+from svdkernels.errors import FormatError
 
 FORMAT = "svdkernels.lowrank"
 FORMAT_VERSION = "1"
@@ -61,31 +62,101 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
+def _read(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise FormatError(path, f"not a readable safetensors file ({e})") from e
+
+
+_LAYER_KEYS = {"in_features": int, "out_features": int, "rank": int, "bias": bool, "down": str}
+
+
+def _layer_table(path: str | os.PathLike, meta: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The ``svdkernels.layers`` table, every entry's keys, types and ranges checked."""
+    if meta.get("svdkernels.format") != FORMAT:
+        raise FormatError(path, f"format {meta.get('svdkernels.format')!r}, expected {FORMAT!r}")
+    if meta.get("svdkernels.format_version") != FORMAT_VERSION:
+        raise FormatError(path, f"format version {meta.get('svdkernels.format_version')!r}, expected {FORMAT_VERSION!r}")
+    unknown = set(meta) - {"format", "svdkernels.format", "svdkernels.format_version", "svdkernels.layers"}
+    if unknown:
+        raise FormatError(path, f"unknown metadata keys {sorted(unknown)}")
+    try:
+        layers = json.loads(meta["svdkernels.layers"])
+    except KeyError:
+        raise FormatError(path, "no 'svdkernels.layers' metadata") from None
+    except json.JSONDecodeError as e:
+        raise FormatError(path, f"'svdkernels.layers' is not valid JSON ({e})") from None
+    if not isinstance(layers, dict) or not layers:
+        raise FormatError(path, "'svdkernels.layers' must be a non-empty object of layers")
+    for name, info in layers.items():
+        if not isinstance(info, dict) or set(info) != set(_LAYER_KEYS):
+            raise FormatError(path, f"layer {name!r}: expected the keys {sorted(_LAYER_KEYS)}, got "
+                                    f"{sorted(info) if isinstance(info, dict) else type(info).__name__}")
+        for key, kind in _LAYER_KEYS.items():
+            value = info[key]
+            if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1)):
+                raise FormatError(path, f"layer {name!r}: {key} must be a {'positive int' if kind is int else kind.__name__}, "
+                                        f"got {value!r}")
+        if info["down"] not in layers:
+            raise FormatError(path, f"layer {name!r}: its down factor {info['down']!r} is not a stored layer")
+    return layers
+
+
+def _check_tensors(path: str | os.PathLike, layers: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor]) -> None:
+    """The exact set of tensor names, each one's shape, a float dtype shared by a layer's
+    tensors, and finiteness."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, info in layers.items():
+        r, n_in, n_out = info["rank"], info["in_features"], info["out_features"]
+        expected[f"{name}.up"] = (n_out, r)
+        if info["bias"]:
+            expected[f"{name}.bias"] = (n_out,)
+        owner = layers[info["down"]]
+        if (owner["rank"], owner["in_features"]) != (r, n_in):
+            raise FormatError(path, f"layer {name!r} shares {info['down']!r}'s down factor, whose shape "
+                                    f"[{owner['rank']}, {owner['in_features']}] is not its [{r}, {n_in}]")
+        expected[f"{info['down']}.down"] = (r, n_in)
+    missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
+    if missing or extra:
+        raise FormatError(path, f"tensors missing {sorted(missing)[:4]}, unexpected {sorted(extra)[:4]}")
+    for key, shape in expected.items():
+        t = tensors[key]
+        if tuple(t.shape) != shape:
+            raise FormatError(path, f"tensor {key!r} has shape {list(t.shape)}, expected {list(shape)}")
+        if not t.is_floating_point():
+            raise FormatError(path, f"tensor {key!r} has dtype {t.dtype}, expected a floating dtype")
+        if not bool(torch.isfinite(t).all()):
+            raise FormatError(path, f"tensor {key!r} has NaN or infinite entries")
+    for name, info in layers.items():
+        keys = [f"{name}.up", f"{info['down']}.down"] + ([f"{name}.bias"] if info["bias"] else [])
+        dtypes = {tensors[k].dtype for k in keys}
+        if len(dtypes) != 1:
+            raise FormatError(path, f"layer {name!r}: its tensors {keys} have different dtypes {sorted(map(str, dtypes))}")
+
+
 def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Replace the layers stored in ``path`` by :class:`LowRankLinear` in ``model``
-    (the original architecture), in place, on the device of the layer replaced.
+    (the original architecture), in place, on the device of the layer replaced. The
+    whole file is checked before the model changes.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: not a file of this format, or a stored layer missing from ``model``
-            or of another shape.
+        FileNotFoundError: ``path`` does not exist.
+        svdkernels.FormatError: the file is not a valid file of this format (unreadable,
+            unknown version or metadata, a malformed layer table, a missing, extra,
+            misshapen, non-float or non-finite tensor).
+        ValueError: a stored layer is missing from ``model`` or of another shape.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"path: cannot read {os.fspath(path)!r} as safetensors: {e}") from e
-    if meta.get("svdkernels.format") != FORMAT:
-        raise ValueError(f"path: expected a file of format {FORMAT!r}, got {meta.get('svdkernels.format')!r}")
-    if meta.get("svdkernels.format_version") != FORMAT_VERSION:
-        raise ValueError(f"path: expected format version {FORMAT_VERSION}, got {meta.get('svdkernels.format_version')!r}")
-    layers = json.loads(meta["svdkernels.layers"])
+    meta, tensors = _read(path)
+    layers = _layer_table(path, meta)
+    _check_tensors(path, layers, tensors)
     modules = dict(model.named_modules())
-    new: dict[str, LowRankLinear] = {}
-    shared: dict[str, nn.Parameter] = {}
     for name, info in layers.items():
         old = modules.get(name)
         if old is None:
@@ -94,7 +165,10 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if shape != (info["out_features"], info["in_features"]):
             raise ValueError(f"model: layer {name!r} is {shape[0]}x{shape[1]}, the file's is "
                              f"{info['out_features']}x{info['in_features']}")
-        device = next(old.parameters()).device
+    new: dict[str, LowRankLinear] = {}
+    shared: dict[str, nn.Parameter] = {}
+    for name, info in layers.items():
+        device = next(modules[name].parameters()).device
         key = info["down"]
         if key not in shared:
             shared[key] = nn.Parameter(tensors[f"{key}.down"].to(device))

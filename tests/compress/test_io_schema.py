@@ -1,0 +1,98 @@
+"""load_compressed checks the whole file before it changes the model (issue 12's file
+discipline): every corruption is a FormatError naming the file, the model untouched."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from svdkernels import FormatError
+from svdkernels.compress import LowRankLinear, compress_model, load_compressed, save_compressed
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    base = _model()
+    model = compress_model(copy.deepcopy(base), [torch.randn(32, 16) for _ in range(2)], method="svd_llm",
+                           keep=0.5, budget="uniform")
+    path = tmp_path_factory.mktemp("c") / "model.safetensors"
+    save_compressed(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    return base, model, path, meta, tensors
+
+
+def _rewrite(tmp_path, meta, tensors):
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def _layers(meta):
+    return json.loads(meta["svdkernels.layers"])
+
+
+CORRUPTIONS = {
+    "version": lambda m, t: ({**m, "svdkernels.format_version": "9"}, t),
+    "format": lambda m, t: ({**m, "svdkernels.format": "other"}, t),
+    "unknown-key": lambda m, t: ({**m, "extra": "1"}, t),
+    "no-table": lambda m, t: ({k: v for k, v in m.items() if k != "svdkernels.layers"}, t),
+    "bad-json": lambda m, t: ({**m, "svdkernels.layers": "{not json"}, t),
+    "rank-type": lambda m, t: ({**m, "svdkernels.layers": json.dumps(
+        {n: {**i, "rank": "4"} for n, i in _layers(m).items()})}, t),
+    "bias-type": lambda m, t: ({**m, "svdkernels.layers": json.dumps(
+        {n: {**i, "bias": 1} for n, i in _layers(m).items()})}, t),
+    "down-owner": lambda m, t: ({**m, "svdkernels.layers": json.dumps(
+        {n: {**i, "down": "nowhere"} for n, i in _layers(m).items()})}, t),
+    "missing-tensor": lambda m, t: (m, {k: v for k, v in t.items() if not k.endswith(".up")}),
+    "extra-tensor": lambda m, t: (m, {**t, "0.extra": torch.zeros(2)}),
+    "shape": lambda m, t: (m, {k: (v[:-1] if k.endswith(".up") else v) for k, v in t.items()}),
+    "dtype": lambda m, t: (m, {k: (v.double() if k.endswith(".up") else v) for k, v in t.items()}),
+    "int-tensor": lambda m, t: (m, {k: (v.to(torch.int32) if k.endswith(".down") else v) for k, v in t.items()}),
+    "nan": lambda m, t: (m, {k: (torch.full_like(v, float("nan")) if k.endswith(".down") else v)
+                             for k, v in t.items()}),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_corrupted_file_is_a_format_error_and_changes_nothing(saved, tmp_path, corruption):
+    base, _, _, meta, tensors = saved
+    path = _rewrite(tmp_path, *CORRUPTIONS[corruption](meta, tensors))
+    target = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(FormatError) as info:
+        load_compressed(target, path)
+    assert str(path) in str(info.value)
+    assert all(isinstance(m, (nn.Linear, nn.Tanh, nn.Sequential)) for m in target.modules())
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_not_a_safetensors_file(saved, tmp_path):
+    base, _, path, _, _ = saved
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:100])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    for p in (truncated, garbage):
+        with pytest.raises(FormatError, match="safetensors"):
+            load_compressed(copy.deepcopy(base), p)
+    with pytest.raises(FileNotFoundError):
+        load_compressed(copy.deepcopy(base), tmp_path / "missing.safetensors")
+
+
+def test_valid_file_still_loads_bit_identical(saved):
+    base, model, path, _, _ = saved
+    loaded = load_compressed(copy.deepcopy(base), path)
+    assert any(isinstance(m, LowRankLinear) for m in loaded.modules())
+    x = torch.randn(5, 16)
+    assert torch.equal(model(x), loaded(x))
