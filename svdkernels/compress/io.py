@@ -6,7 +6,9 @@ and ``<name>.down`` ``[r, in]``, except when ``down`` is shared with an earlier 
 (Basis Sharing), which is then stored once under the first layer's name. Metadata
 ``"svdkernels.format"`` = :data:`FORMAT`, ``"svdkernels.format_version"`` and
 ``"svdkernels.layers"``: JSON ``{name: {"in_features", "out_features", "rank",
-"bias", "down"}}`` (``down``: the name whose ``.down`` tensor the layer uses).
+"bias", "down", "factors"}}`` (``down``: the name whose ``.down`` tensor the layer
+uses; ``factors``: ``"float"``, or ``"int4"`` for a :class:`LowRankInt4Linear`, stored as
+``<name>.qdown``/``.sdown``/``.qup``/``.sup`` with the rank padded to a multiple of 64).
 
 Only the low-rank layers are stored: :func:`load_compressed` takes the original
 model (same architecture) and replaces those layers in it, tensors exactly as saved.
@@ -23,8 +25,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from svdkernels.adapters.modules import set_module
-from svdkernels.compress.linear import LowRankLinear
+from svdkernels.compress.linear import LowRankInt4Linear, LowRankLinear
 from svdkernels.errors import FormatError
+from svdkernels.formats.int4 import GROUP_SIZE
 
 FORMAT = "svdkernels.lowrank"
 FORMAT_VERSION = "1"
@@ -45,6 +48,14 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> None:
     layers: dict[str, dict[str, Any]] = {}
     owner: dict[int, str] = {}  # id(down parameter) -> the layer it is stored under
     for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, LowRankInt4Linear):
+            for key in ("qdown", "sdown", "qup", "sup"):
+                tensors[f"{name}.{key}"] = getattr(m, key).detach().contiguous().cpu()
+            if m.bias is not None:
+                tensors[f"{name}.bias"] = m.bias.detach().contiguous().cpu()
+            layers[name] = {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
+                            "bias": m.bias is not None, "down": name, "factors": "int4"}
+            continue
         if not isinstance(m, LowRankLinear):
             continue
         down_of = owner.setdefault(id(m.down), name)
@@ -54,9 +65,10 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> None:
         if m.bias is not None:
             tensors[f"{name}.bias"] = m.bias.detach().contiguous().cpu()
         layers[name] = {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
-                        "bias": m.bias is not None, "down": down_of}
+                        "bias": m.bias is not None, "down": down_of, "factors": "float"}
     if not layers:
-        raise ValueError("model: expected a model with LowRankLinear layers (compress_model), got none")
+        raise ValueError("model: expected a model with LowRankLinear or LowRankInt4Linear layers "
+                         "(compress_model), got none")
     meta = {"format": "pt", "svdkernels.format": FORMAT, "svdkernels.format_version": FORMAT_VERSION,
             "svdkernels.layers": json.dumps(layers)}
     save_file(tensors, str(path), metadata=meta)
@@ -72,7 +84,8 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tens
         raise FormatError(path, f"not a readable safetensors file ({e})") from e
 
 
-_LAYER_KEYS = {"in_features": int, "out_features": int, "rank": int, "bias": bool, "down": str}
+_LAYER_KEYS = {"in_features": int, "out_features": int, "rank": int, "bias": bool, "down": str, "factors": str}
+_FACTORS = ("float", "int4")
 
 
 def _layer_table(path: str | os.PathLike, meta: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -101,8 +114,14 @@ def _layer_table(path: str | os.PathLike, meta: dict[str, str]) -> dict[str, dic
             if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1)):
                 raise FormatError(path, f"layer {name!r}: {key} must be a {'positive int' if kind is int else kind.__name__}, "
                                         f"got {value!r}")
+        if info["factors"] not in _FACTORS:
+            raise FormatError(path, f"layer {name!r}: factors must be one of {_FACTORS}, got {info['factors']!r}")
         if info["down"] not in layers:
             raise FormatError(path, f"layer {name!r}: its down factor {info['down']!r} is not a stored layer")
+        if info["factors"] == "int4" and info["down"] != name:
+            raise FormatError(path, f"layer {name!r}: int4 factors are never shared, got down {info['down']!r}")
+        if info["factors"] == "float" and layers[info["down"]]["factors"] != "float":
+            raise FormatError(path, f"layer {name!r}: shares the down factor of int4 layer {info['down']!r}")
     return layers
 
 
@@ -110,11 +129,21 @@ def _check_tensors(path: str | os.PathLike, layers: dict[str, dict[str, Any]], t
     """The exact set of tensor names, each one's shape, a float dtype shared by a layer's
     tensors, and finiteness."""
     expected: dict[str, tuple[int, ...]] = {}
+    packed: set[str] = set()
     for name, info in layers.items():
         r, n_in, n_out = info["rank"], info["in_features"], info["out_features"]
-        expected[f"{name}.up"] = (n_out, r)
         if info["bias"]:
             expected[f"{name}.bias"] = (n_out,)
+        if info["factors"] == "int4":
+            if n_in % GROUP_SIZE:
+                raise FormatError(path, f"layer {name!r}: int4 factors need in_features a multiple of {GROUP_SIZE}, "
+                                        f"got {n_in}")
+            R = -(-r // GROUP_SIZE) * GROUP_SIZE
+            expected.update({f"{name}.qdown": (R, n_in // 2), f"{name}.sdown": (R, n_in // GROUP_SIZE),
+                             f"{name}.qup": (n_out, R // 2), f"{name}.sup": (n_out, R // GROUP_SIZE)})
+            packed |= {f"{name}.qdown", f"{name}.qup"}
+            continue
+        expected[f"{name}.up"] = (n_out, r)
         owner = layers[info["down"]]
         if (owner["rank"], owner["in_features"]) != (r, n_in):
             raise FormatError(path, f"layer {name!r} shares {info['down']!r}'s down factor, whose shape "
@@ -127,19 +156,28 @@ def _check_tensors(path: str | os.PathLike, layers: dict[str, dict[str, Any]], t
         t = tensors[key]
         if tuple(t.shape) != shape:
             raise FormatError(path, f"tensor {key!r} has shape {list(t.shape)}, expected {list(shape)}")
+        if key in packed:
+            if t.dtype != torch.uint8:
+                raise FormatError(path, f"tensor {key!r} has dtype {t.dtype}, expected torch.uint8 (packed int4)")
+            continue
         if not t.is_floating_point():
             raise FormatError(path, f"tensor {key!r} has dtype {t.dtype}, expected a floating dtype")
         if not bool(torch.isfinite(t).all()):
             raise FormatError(path, f"tensor {key!r} has NaN or infinite entries")
     for name, info in layers.items():
-        keys = [f"{name}.up", f"{info['down']}.down"] + ([f"{name}.bias"] if info["bias"] else [])
+        keys = ([f"{name}.sdown", f"{name}.sup"] if info["factors"] == "int4" else [f"{name}.up", f"{info['down']}.down"])
+        keys += [f"{name}.bias"] if info["bias"] else []
         dtypes = {tensors[k].dtype for k in keys}
         if len(dtypes) != 1:
             raise FormatError(path, f"layer {name!r}: its tensors {keys} have different dtypes {sorted(map(str, dtypes))}")
+        if info["factors"] == "int4" and tensors[keys[0]].dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise FormatError(path, f"layer {name!r}: int4 scales must be float32, float16 or bfloat16, "
+                                    f"got {tensors[keys[0]].dtype}")
 
 
 def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Replace the layers stored in ``path`` by :class:`LowRankLinear` in ``model``
+    """Replace the layers stored in ``path`` by :class:`LowRankLinear` (or
+    :class:`LowRankInt4Linear`) layers in ``model``
     (the original architecture), in place, on the device of the layer replaced. The
     whole file is checked before the model changes.
 
@@ -165,10 +203,15 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if shape != (info["out_features"], info["in_features"]):
             raise ValueError(f"model: layer {name!r} is {shape[0]}x{shape[1]}, the file's is "
                              f"{info['out_features']}x{info['in_features']}")
-    new: dict[str, LowRankLinear] = {}
+    new: dict[str, nn.Module] = {}
     shared: dict[str, nn.Parameter] = {}
     for name, info in layers.items():
         device = next(modules[name].parameters()).device
+        if info["factors"] == "int4":
+            bias = tensors[f"{name}.bias"].to(device) if info["bias"] else None
+            new[name] = LowRankInt4Linear(*(tensors[f"{name}.{k}"].to(device) for k in ("qdown", "sdown", "qup", "sup")),
+                                          bias, info["rank"])
+            continue
         key = info["down"]
         if key not in shared:
             shared[key] = nn.Parameter(tensors[f"{key}.down"].to(device))
