@@ -17,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from svdkernels.backends import select_backend
+from svdkernels.backends import select_backend, traced_triton
+from svdkernels.ops.registration import triton_op
 from svdkernels.reference import lowrank_adam_step as reference
 from svdkernels.reference.lowrank_adam_step import (  # noqa: F401  (re-exported for the layers)
     BASIS_GROUP,
@@ -118,26 +119,48 @@ def validate(
             raise ValueError("W: expected a contiguous weight with sr_seed (the rounding is keyed by the flat index)")
 
 
-@torch.library.custom_op("svdkernels::lowrank_adam_step", mutates_args=("W", "exp_avg", "exp_avg_sq"))
+def _triton_step(*args: object) -> None:
+    from svdkernels.triton import lowrank_adam_step as triton_step  # on first use: never at import
+
+    triton_step.lowrank_adam_step(*args)
+
+
+@torch.library.custom_op("svdkernels::_lowrank_adam_step_dispatch", mutates_args=("W", "exp_avg", "exp_avg_sq"))
+def _lowrank_adam_step_dispatch_op(
+    W: torch.Tensor, G: torch.Tensor, P: torch.Tensor, P_scale: Optional[torch.Tensor],
+    P_zero: Optional[torch.Tensor], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, right: bool,
+    beta1: float, beta2: float, eps: float, step_size: float, decay: float, sr_seed: Optional[int],
+) -> None:
+    """Opaque to tracing: every backend of ``lowrank_adam_step`` (inputs validated)."""
+    args = (W, G, P, P_scale, P_zero, exp_avg, exp_avg_sq, right, beta1, beta2, eps, step_size, decay, sr_seed)
+    if select_backend("lowrank_adam_step", W.device) == "triton":
+        _triton_step(*args)
+    else:
+        reference.lowrank_adam_step(*args)
+
+
+@_lowrank_adam_step_dispatch_op.register_fake
+def _(W, G, P, P_scale, P_zero, exp_avg, exp_avg_sq, right, beta1, beta2, eps, step_size, decay, sr_seed):
+    validate(W, G, P, P_scale, P_zero, exp_avg, exp_avg_sq, right, beta1, beta2, eps, step_size, decay, sr_seed)
+
+
+@triton_op("svdkernels::lowrank_adam_step", mutates_args=("W", "exp_avg", "exp_avg_sq"))
 def lowrank_adam_step_op(
     W: torch.Tensor, G: torch.Tensor, P: torch.Tensor, P_scale: Optional[torch.Tensor],
     P_zero: Optional[torch.Tensor], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, right: bool,
     beta1: float, beta2: float, eps: float, step_size: float, decay: float, sr_seed: Optional[int],
 ) -> None:
-    """``torch.ops.svdkernels.lowrank_adam_step``; see :func:`lowrank_adam_step`."""
+    """``torch.ops.svdkernels.lowrank_adam_step``; see :func:`lowrank_adam_step`.
+
+    A ``triton_op``: where the call runs compiled Triton kernels, torch.compile traces
+    their launches (a compiled training step sees them); every other backend is the
+    opaque ``_lowrank_adam_step_dispatch``."""
     args = (W, G, P, P_scale, P_zero, exp_avg, exp_avg_sq, right, beta1, beta2, eps, step_size, decay, sr_seed)
     validate(*args)
-    if select_backend("lowrank_adam_step", W.device) == "triton":
-        from svdkernels.triton import lowrank_adam_step as triton_step
-
-        triton_step.lowrank_adam_step(*args)
+    if traced_triton("lowrank_adam_step", W.device):
+        _triton_step(*args)
     else:
-        reference.lowrank_adam_step(*args)
-
-
-@lowrank_adam_step_op.register_fake
-def _(W, G, P, P_scale, P_zero, exp_avg, exp_avg_sq, right, beta1, beta2, eps, step_size, decay, sr_seed):
-    validate(W, G, P, P_scale, P_zero, exp_avg, exp_avg_sq, right, beta1, beta2, eps, step_size, decay, sr_seed)
+        torch.ops.svdkernels._lowrank_adam_step_dispatch(*args)
 
 
 def lowrank_adam_step(

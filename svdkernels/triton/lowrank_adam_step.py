@@ -233,7 +233,7 @@ def lowrank_adam_step(
     if M == 0 or K == 0:
         return
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(r, cfg.BLOCK_R),)
-    _project_adam_kernel[grid](
+    torch.library.wrap_triton(_project_adam_kernel)[grid](
         Gk, P, s, z, mk, vk, N, M, K, r,
         Gk.stride(0), Gk.stride(1), P.stride(0), P.stride(1), stride_sr, stride_sg,
         mk.stride(0), mk.stride(1), vk.stride(0), vk.stride(1), N.stride(0),
@@ -245,7 +245,7 @@ def lowrank_adam_step(
     stochastic = sr_seed is not None and W.dtype == torch.bfloat16
     key = sr_key(sr_seed) if stochastic else 0  # 31 bits: always an i32 argument
     grid = (triton.cdiv(M, cfg.UPDATE_M) * triton.cdiv(K, cfg.UPDATE_K),)
-    _update_kernel[grid](
+    torch.library.wrap_triton(_update_kernel)[grid](
         Wk, N, P, s, z, M, K, r,
         Wk.stride(0), Wk.stride(1), N.stride(0), P.stride(0), P.stride(1), stride_sr, stride_sg,
         step_size, decay, key, sr_row, sr_col,

@@ -69,10 +69,17 @@ trace("kron_linear",
 trace("lowrank_attention",
       lambda q, ck, cv, wk, wv: ops.lowrank_attention(q, ck, cv, wk, wv, None, True, 0.125, False, 1e4, 1.0, 0, 64)[0],
       lambda: (t(1, 4, 1, 64), t(1, 32, 16), t(1, 32, 16), t(1, 16, 4 * 64), t(1, 16, 4 * 64)))
+def adam_step(W, G, P, m, v):
+    W, m, v = W.clone(), m.clone(), v.clone()  # a compiled step mutates its own buffers
+    ops.lowrank_adam_step(W, G, P, None, None, m, v, True, 0.9, 0.999, 1e-8, 1e-3, 0.0, None)
+    return W, m, v
+trace("lowrank_adam_step", adam_step,
+      lambda: (t(64, 128), t(64, 128), t(r, 128), t(64, r), t(64, r)))
 print(json.dumps(graphs))
 '''
 
-OPS = ["lowrank_w4a16_linear", "lowrank_quantize_act", "lowrank_w4a4_gemm", "kron_linear", "lowrank_attention"]
+OPS = ["lowrank_w4a16_linear", "lowrank_quantize_act", "lowrank_w4a4_gemm", "kron_linear", "lowrank_attention",
+       "lowrank_adam_step"]
 
 
 def traced_graphs(device: str) -> dict[str, str]:
