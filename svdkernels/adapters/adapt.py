@@ -20,7 +20,7 @@ from torch import nn
 from svdkernels.calibration import collect_input_stats
 from svdkernels.adapters.kron import KronLinear
 from svdkernels.adapters.methods import METHODS, Init, check_method_options, layer_regularizer, method_options
-from svdkernels.adapters.modules import Targets, find_linears, set_module
+from svdkernels.adapters.modules import Targets, set_module
 from svdkernels.adapters.svd_linear import SVDLinear
 from svdkernels.errors import check_finite_number
 from svdkernels.ops.rsvd import rsvd
@@ -276,10 +276,14 @@ def adapt(
         raise TypeError(f"rank: expected an int, got {type(rank).__name__}")
     if method != "soka":
         check_method_options(method, method_kwargs, options)
-    layers = find_linears(model, targets)
+    from svdkernels.adapters import sharded  # on use: it imports this module (and torch.distributed)
+
+    layers = sharded.find_target_linears(model, targets)  # find_linears, FSDP2-wrapped layers included
     keep = _saved_modules(model, modules_to_save, layers)
     for name, layer in layers.items():
         _check_finite(name, layer)
+    if sharded.is_sharded(layers):  # FSDP2 (DTensor weights): factors from the sharded rsvd, no gather
+        sharded.check_sharded(method, layers)
     if method == "soka":
         if rank < 1:
             raise ValueError(f"rank: expected an int >= 1 (Kronecker terms), got {rank}")
@@ -299,6 +303,9 @@ def adapt(
     alpha = float(rank if alpha is None else alpha)
     if not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha: expected a positive finite number, got {alpha}")
+    if sharded.is_sharded(layers):
+        return freeze_non_adapter(sharded.adapt_sharded(model, method, layers, rank=rank, alpha=alpha, seed=seed,
+                                                        **method_kwargs), keep)
     method_kwargs = dict(method_kwargs)
     stats: dict[str, torch.Tensor] = {}
     if spec.needs is not None:
