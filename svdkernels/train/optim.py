@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from svdkernels.adapters.modules import Targets, matches
@@ -37,7 +38,9 @@ from svdkernels.ops.lowrank_adam_step import (
     quantize_basis,
     stochastic_round,
 )
+from svdkernels.train import distributed as tdist
 from svdkernels.train import projectors as proj
+from svdkernels.train.distributed import local
 from svdkernels.train.int8 import Int8Linear, dequantize_int8, is_int8_weight, quantize_int8
 
 MOMENTS = ("keep", "rotate", "reset")
@@ -110,6 +113,16 @@ class LowRankAdamW(torch.optim.Optimizer):
         skip_nonfinite: a non-finite gradient skips the whole step (weights and state
             untouched, :attr:`skipped_steps` counts it) instead of raising ``ValueError``.
         stochastic_rounding: round bfloat16 weights stochastically after each update.
+        process_group: under DDP (every rank holds the same, all-reduced gradients), the
+            group whose ranks divide the refresh work: each shape group's bases are
+            computed on one rank and broadcast (``dist.group.WORLD`` for the default).
+            Not for FSDP2: its DTensor parameters carry their mesh.
+
+    FSDP2 (``fully_shard``): parameters and gradients are row-sharded DTensors; the step
+    stays local (the weights are projected on the right, ``side="left"`` is refused),
+    the moments are sharded like the weights, the bases replicated, and only the
+    refresh communicates (see :mod:`svdkernels.train.distributed`, whose
+    ``sharded_state_dict`` saves the state with ``torch.distributed.checkpoint``).
 
     Example::
 
@@ -137,6 +150,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         side: Optional[str] = None,
         skip_nonfinite: bool = False,
         stochastic_rounding: bool = False,
+        process_group: Optional[dist.ProcessGroup] = None,
     ) -> None:
         _check_number("lr", lr, 0.0)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -150,6 +164,10 @@ class LowRankAdamW(torch.optim.Optimizer):
                            ("stochastic_rounding", stochastic_rounding)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group: expected None or a torch.distributed ProcessGroup, "
+                            f"got {type(process_group).__name__}")
+        self.process_group = process_group
         self._lowrank_defaults = dict(rank=rank, update_gap=update_gap, scale=scale, projector=projector,
                                       moments=moments, adaptive_gap=adaptive_gap, proj_bits=proj_bits, side=side)
         self._check_lowrank_options(self._lowrank_defaults, None)
@@ -232,10 +250,18 @@ class LowRankAdamW(torch.optim.Optimizer):
         if group["rank"] > min(p.shape):
             raise ValueError(f"parameter {name}: expected rank <= min(m, n) = {min(p.shape)} for shape "
                              f"{list(p.shape)}, got rank {group['rank']}")
+        if tdist.is_sharded(p):
+            tdist.check_sharded_param(p, name, group["side"])
+            if self.process_group is not None:
+                raise ValueError(f"process_group: expected None with DTensor (FSDP2) parameters such as {name} "
+                                 f"(their mesh is the group), got a process group")
 
     @staticmethod
     def side_of(group: dict[str, Any], p: torch.Tensor) -> bool:
-        """True when ``p`` is projected on the right (``R = G·Pᵀ``), GaLore's rule by default."""
+        """True when ``p`` is projected on the right (``R = G·Pᵀ``), GaLore's rule by default;
+        always for a row-sharded (FSDP2) weight, whose step is then local."""
+        if tdist.is_sharded(p):
+            return True
         side = group["side"]
         return p.shape[0] >= p.shape[1] if side is None else side == "right"
 
@@ -285,11 +311,18 @@ class LowRankAdamW(torch.optim.Optimizer):
         overflows, when the entries are checked)."""
         if not items:
             return None
-        sums = torch.stack([g.sum(dtype=torch.float32) for *_, g in items])  # no float copy of a bf16 gradient
+        # no float copy of a bf16 gradient
+        sums = torch.stack([local(g).sum(dtype=torch.float32) for *_, g in items])
+        mesh_group = next((tdist.group_of(g) for *_, g in items if tdist.is_sharded(g)), None)
+        if mesh_group is not None:  # sharded gradients: every rank must reach the same verdict
+            sums = tdist.allreduce(sums, mesh_group)
         bad = (~torch.isfinite(sums)).nonzero().flatten().tolist()
         for i in bad:
             group, gi, pi, p, g = items[i]
-            if not torch.isfinite(g).all():
+            found = (~torch.isfinite(local(g))).any().float().reshape(1)
+            if tdist.is_sharded(g):
+                found = tdist.allreduce(found, tdist.group_of(g))
+            if bool(found.item()):
                 return self._name(group, gi, pi, p)
         return None
 
@@ -319,6 +352,9 @@ class LowRankAdamW(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             for pi, q in enumerate(group["params"]):
                 if q is p:
+                    if tdist.is_sharded(p) or self.process_group is not None:
+                        raise ValueError("p: layerwise steps (step_param) are not supported for FSDP2 "
+                                         "parameters or with a process_group; call step()")
                     g = self._grad_of(p)
                     if g is None:
                         return
@@ -348,27 +384,26 @@ class LowRankAdamW(torch.optim.Optimizer):
         self._refresh(items)
 
     def state_bytes(self) -> int:
-        """Bytes of the optimiser's state tensors, plus the DCT/random bases it keeps
-        gathered between refreshes (rebuilt from the state, not saved)."""
-        total = sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
-                    if isinstance(v, torch.Tensor))
+        """Bytes of the optimiser's state tensors held by this process (a sharded state's
+        local shards), plus the DCT/random bases it keeps gathered between refreshes
+        (rebuilt from the state, not saved)."""
+        total = sum(local(v).numel() * local(v).element_size() for st in self.state.values()
+                    for v in st.values() if isinstance(v, torch.Tensor))
         return total + sum(t.numel() * t.element_size() for t in self._cache.values())
 
     def _sr_seed(self, p: torch.Tensor, step: int) -> Optional[int]:
         if self.stochastic_rounding and p.dtype == torch.bfloat16:
-            return _mix(self.seed, 2, self._index[p], step)
+            # A shard's rounding stream is keyed by its first row too (its flat indices restart at 0).
+            extra = (tdist.row_offset(p),) if tdist.is_sharded(p) else ()
+            return _mix(self.seed, 2, self._index[p], step, *extra)
         return None
 
     def _update(self, group: dict[str, Any], p: torch.Tensor, g: torch.Tensor) -> None:
         state = self.state[p]
         beta1, beta2 = group["betas"]
         if "exp_avg" not in state:
-            shape = p.shape
-            if group["lowrank"]:
-                r = group["rank"]
-                shape = (p.shape[0], r) if self.side_of(group, p) else (r, p.shape[1])
-            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            state["exp_avg"] = self.empty_state(group, p, "exp_avg")
+            state["exp_avg_sq"] = self.empty_state(group, p, "exp_avg_sq")
         state["step"] = state.get("step", 0) + 1
         t = state["step"]
         step_size = bias_corrected_step_size(group["lr"], beta1, beta2, t)
@@ -381,7 +416,27 @@ class LowRankAdamW(torch.optim.Optimizer):
             p.copy_(q)
             p.int8_scales.copy_(scales)
             return
-        self._step_tensor(group, p, p, g.to(p.dtype), step_size, decay, self._sr_seed(p, t))
+        self._step_tensor(group, p, local(p), local(g).to(p.dtype), step_size, decay, self._sr_seed(p, t))
+
+    def _step_padded(self, group: dict[str, Any], w: torch.Tensor, g: torch.Tensor, P: torch.Tensor,
+                     P_scale: Optional[torch.Tensor], P_zero: Optional[torch.Tensor], m: torch.Tensor,
+                     v: torch.Tensor, step_size: float, decay: float, sr: Optional[int]) -> None:
+        """The right-side step of a shard ``w [a, n]`` with ``a < r`` rows, on copies padded
+        with zero rows to ``r``: exact, since every row of the right-side step depends on
+        that row alone and a zero row stays zero."""
+        r = P.shape[0]
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros((r - t.shape[0], *t.shape[1:]))])
+
+        W, mp, vp = pad(w), pad(m), pad(v)
+        lowrank_adam_step(W, pad(g), P, mp, vp, step_size=step_size * group["scale"], side="right",
+                          betas=group["betas"], eps=group["eps"], decay=decay, P_scale=P_scale, P_zero=P_zero,
+                          sr_seed=sr)
+        rows = w.shape[0]
+        w.copy_(W[:rows])
+        m.copy_(mp[:rows])
+        v.copy_(vp[:rows])
 
     def _step_tensor(self, group: dict[str, Any], p: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
                      step_size: float, decay: float, sr: Optional[int]) -> None:
@@ -390,12 +445,18 @@ class LowRankAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         if group["lowrank"]:
             P, P_scale, P_zero = self._basis(group, p)
-            lowrank_adam_step(w, g, P, state["exp_avg"], state["exp_avg_sq"],
-                              step_size=step_size * group["scale"], side="right" if self.side_of(group, p) else "left",
+            right = self.side_of(group, p)
+            m, v = local(state["exp_avg"]), local(state["exp_avg_sq"])
+            if w.shape[0] < P.shape[0]:  # a shard with fewer rows than the rank (the op wants r <= min(m, n))
+                if w.shape[0] > 0:
+                    self._step_padded(group, w, g, P, P_scale, P_zero, m, v, step_size, decay, sr)
+                return
+            lowrank_adam_step(w, g, P, m, v,
+                              step_size=step_size * group["scale"], side="right" if right else "left",
                               betas=(beta1, beta2), eps=group["eps"], decay=decay, P_scale=P_scale, P_zero=P_zero,
                               sr_seed=sr)
             return
-        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m, v = local(state["exp_avg"]), local(state["exp_avg_sq"])
         gf = g.float()
         m.mul_(beta1).add_(gf, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(gf, gf, value=1.0 - beta2)
@@ -417,13 +478,14 @@ class LowRankAdamW(torch.optim.Optimizer):
         """What the step op reads: float rows ``[r, k]``, or the packed int4 triple."""
         state = self.state[p]
         if "basis" in state:
-            return state["basis"], state.get("basis_scale"), state.get("basis_zero")
+            scale, zero = state.get("basis_scale"), state.get("basis_zero")
+            return local(state["basis"]), None if scale is None else local(scale), None if zero is None else local(zero)
         if p not in self._cache:  # DCT / random: rebuilt from the indices or the seed
             k = p.shape[1] if self.side_of(group, p) else p.shape[0]
             if "dct_index" in state:
-                self._cache[p] = proj.dct_bases(state["dct_index"], k).contiguous()
+                self._cache[p] = proj.dct_bases(local(state["dct_index"]), k).contiguous()
             else:
-                self._cache[p] = proj.random_basis(state["basis_seed"], group["rank"], k, p.device)
+                self._cache[p] = proj.random_basis(state["basis_seed"], group["rank"], k, local(p).device)
         return self._cache[p], None, None
 
     def _float_basis(self, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
@@ -444,13 +506,44 @@ class LowRankAdamW(torch.optim.Optimizer):
             group, _, _, p, _ = it
             if self._due(group, p):
                 batches.setdefault(self._key(group, p), []).append(it)
-        for key, batch in batches.items():
-            self._refresh_batch(key, batch)
+        owners = None
+        if self.process_group is not None and dist.get_world_size(self.process_group) > 1:
+            # DDP: divide the factorisations among the ranks (the same plan everywhere).
+            costs = [float(len(b) * math.prod(key[0])) for key, b in batches.items()]
+            owners = tdist.plan_owners(costs, dist.get_world_size(self.process_group))
+        for i, (key, batch) in enumerate(batches.items()):
+            self._refresh_batch(key, batch, None if owners is None else owners[i])
 
-    def _refresh_batch(self, key: tuple, batch: list) -> None:
+    def _new_bases(self, key: tuple, batch: list, seed: int, old: list, had: list
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The new float bases ``[b, r, k]`` of a batch (and the DCT indices ``[b, r]``),
+        computed here from the batch's gradients (row-sharded ones: with collectives)."""
+        shape, right, _, _, rank, projector, _ = key
+        k = shape[1] if right else shape[0]
+        G = torch.stack([local(g).float() for *_, g in batch])  # [b, m, n] (this rank's rows if sharded)
+        p0 = batch[0][3]
+        previous = torch.stack(old) if projector == "rsvd" and all(had) else None
+        if tdist.is_sharded(p0):
+            mesh_group = tdist.group_of(p0)
+            if projector == "dct":
+                index = tdist.sharded_dct_indices(G, rank, mesh_group, proj.dct_matrix(k, G.device)).to(torch.int32)
+                return proj.dct_bases(index, k), index
+            if projector == "svd":
+                return tdist.sharded_svd_bases(G, rank, mesh_group), None
+            if previous is not None:
+                return proj.warm_subspace(G, previous, rank, True, seed=seed,
+                                          allreduce=lambda t: tdist.allreduce(t, mesh_group)), None
+            return tdist.sharded_rsvd_bases(G, shape[0], rank, seed=seed, p=p0), None
+        if projector == "dct":
+            index = proj.dct_indices(G, rank, right).to(torch.int32)
+            return proj.dct_bases(index, k), index
+        return proj.bases_for(projector, G, rank, right, seed=seed, previous=previous), None
+
+    def _refresh_batch(self, key: tuple, batch: list, owner: Optional[int] = None) -> None:
+        """Refresh one shape group; under DDP (``owner`` set) only the group rank ``owner``
+        factorises, the others receive its bases."""
         shape, right, _, _, rank, projector, proj_bits = key
         k = shape[1] if right else shape[0]
-        G = torch.stack([g.float() for *_, g in batch])  # [b, m, n]
         params = [it[3] for it in batch]
         states = [self.state[p] for p in params]
         step = states[0].get("step", 0)
@@ -458,15 +551,24 @@ class LowRankAdamW(torch.optim.Optimizer):
         had = ["next_refresh" in s for s in states]
         old = [self._float_basis(it[0], it[3]) if h else None for it, h in zip(batch, had)]
         new_index = new_seeds = None
-        if projector == "dct":
-            new_index = proj.dct_indices(G, rank, right).to(torch.int32)
-            new = proj.dct_bases(new_index, k)
-        elif projector == "random":
+        if projector == "random":  # seeded: nothing to factorise or send
             new_seeds = [_mix(self.seed, 3, self._index[p], s.get("refreshes", 0)) for p, s in zip(params, states)]
-            new = torch.stack([proj.random_basis(sd, rank, k, G.device) for sd in new_seeds])
+            device = local(params[0]).device
+            new = torch.stack([proj.random_basis(sd, rank, k, device) for sd in new_seeds])
+        elif owner is None:
+            new, new_index = self._new_bases(key, batch, seed, old, had)
         else:
-            previous = torch.stack(old) if projector == "rsvd" and all(had) else None
-            new = proj.bases_for(projector, G, rank, right, seed=seed, previous=previous)
+            mine = dist.get_rank(self.process_group) == owner
+            if mine:
+                new, new_index = self._new_bases(key, batch, seed, old, had)
+            device = params[0].device
+            if projector == "dct":  # the indices define the basis
+                new_index = tdist.broadcast_from(new_index if mine else None, (len(batch), rank), torch.int32,
+                                                 device, owner, self.process_group)
+                new = proj.dct_bases(new_index, k)
+            else:
+                new = tdist.broadcast_from(new if mine else None, (len(batch), rank, k), torch.float32,
+                                           device, owner, self.process_group)
         if proj_bits == 4:
             packed, scales, zeros = quantize_basis(new)
             stored = dequantize_basis(packed, scales, zeros, k)  # what the steps will see
@@ -503,6 +605,9 @@ class LowRankAdamW(torch.optim.Optimizer):
             offset = int(self._offsets.get(key, 0.0) * gap) if self.stagger else 0
             # The first refresh of a staggered group comes early by its phase; later ones a gap apart.
             state["next_refresh"] = step + (offset if first and offset > 0 else gap)
+            for name in ("basis", "basis_scale", "basis_zero", "dct_index"):
+                if name in state:  # a sharded weight's basis is replicated on its mesh
+                    state[name] = tdist.replicated(p, state[name])
 
     def _carry_moments(self, batch: list, states: list, old: list, new: torch.Tensor,
                        new_index: Optional[torch.Tensor], right: bool) -> None:
@@ -515,16 +620,36 @@ class LowRankAdamW(torch.optim.Optimizer):
                 s["exp_avg_sq"].zero_()
             return
         if new_index is not None:
-            C = proj.dct_change_of_basis(new_index, torch.stack([s["dct_index"] for s in states]))
+            C = proj.dct_change_of_basis(new_index, torch.stack([local(s["dct_index"]) for s in states]))
         else:
             C = proj.change_of_basis(new, torch.stack(old))
-        m, v = proj.rotate_moments(torch.stack([s["exp_avg"] for s in states]),
-                                   torch.stack([s["exp_avg_sq"] for s in states]), C, right)
+        m, v = proj.rotate_moments(torch.stack([local(s["exp_avg"]) for s in states]),
+                                   torch.stack([local(s["exp_avg_sq"]) for s in states]), C, right)
         for i, s in enumerate(states):
-            s["exp_avg"].copy_(m[i])
-            s["exp_avg_sq"].copy_(v[i])
+            local(s["exp_avg"]).copy_(m[i])
+            local(s["exp_avg_sq"]).copy_(v[i])
 
     # ------------------------------------------------------------------ state
+
+    def state_entries(self, group: dict[str, Any], p: torch.Tensor) -> tuple[str, ...]:
+        """The tensor entries a parameter's state holds once it has stepped."""
+        if not group["lowrank"]:
+            return ("exp_avg", "exp_avg_sq")
+        if group["projector"] == "dct":
+            return ("exp_avg", "exp_avg_sq", "dct_index")
+        if group["projector"] == "random":
+            return ("exp_avg", "exp_avg_sq")
+        if group["proj_bits"] == 4:
+            return ("exp_avg", "exp_avg_sq", "basis", "basis_scale", "basis_zero")
+        return ("exp_avg", "exp_avg_sq", "basis")
+
+    def empty_state(self, group: dict[str, Any], p: torch.Tensor, entry: str) -> torch.Tensor:
+        """Zeros of a state entry's shape and dtype (:meth:`_expected`): the moments split by
+        rows like a sharded weight, the bases replicated on its mesh."""
+        shape, dtype = self._expected(group, p, entry)
+        if entry in ("exp_avg", "exp_avg_sq"):
+            return tdist.zeros_like_rows(p, tuple(shape))
+        return tdist.replicated(p, torch.zeros(shape, dtype=dtype, device=local(p).device))
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -59,8 +60,13 @@ def _orthonormal_columns(Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(Y, mode="reduced")[0]
 
 
+def _no_comm(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def warm_subspace(G: torch.Tensor, previous: torch.Tensor, rank: int, right: bool, *, seed: int,
-                  oversample: int = 8, iters: int = 1) -> torch.Tensor:
+                  oversample: int = 8, iters: int = 1,
+                  allreduce: Callable[[torch.Tensor], torch.Tensor] = _no_comm) -> torch.Tensor:
     """Top-``rank`` right (or left) singular subspace of ``G [b, m, n]``, warm-started.
 
     Subspace iteration (Halko et al. 2011, Alg. 4.4) from ``Q₀ = [previousᵀ, Ω]``: the
@@ -68,6 +74,11 @@ def warm_subspace(G: torch.Tensor, previous: torch.Tensor, rank: int, right: boo
     ``Q ← orth(Xᵀ·X·Q)``; then Rayleigh-Ritz (``B = X·Q``, ``W`` = the eigenvectors of
     ``BᵀB``, basis ``Q·W``) so the rows come out sorted by singular value. If the subspace has not moved, one
     pass recovers it to the accuracy of a converged power iteration.
+
+    Row-sharded ``G`` (FSDP2, right side: this rank's rows ``[b, m_r, n]``): pass
+    ``allreduce``, a sum over the ranks; it is applied to the two products that sum over
+    rows, ``Gᵀ·(G·Q) [b, n, l]`` each pass and the Gram ``BᵀB [b, l, l]``, and everything
+    else is computed from replicated data, so every rank gets the same basis.
     """
     X = _oriented(G, right)  # [b, a, k]
     b, _, k = X.shape
@@ -79,12 +90,12 @@ def warm_subspace(G: torch.Tensor, previous: torch.Tensor, rank: int, right: boo
         cols.append(torch.randn(b, k, extra, generator=gen).to(device=X.device, dtype=X.dtype))
     Q = _orthonormal_columns(torch.cat(cols, -1)[..., :width])
     for _ in range(iters):
-        Q = _orthonormal_columns(X.mT @ (X @ Q))
+        Q = _orthonormal_columns(allreduce(X.mT @ (X @ Q)))
     # Rayleigh-Ritz on the small Gram BᵀB = Qᵀ·XᵀX·Q [width, width] (float64): its
     # eigenvectors are B's right singular vectors. LAPACK's SVD of the tall B itself is
     # many times slower on the CPU (gesdd on [688, 72] x 8: ~8 s against ~5 ms here).
     B = X @ Q  # [b, a, width]
-    gram = (B.mT @ B).double()
+    gram = allreduce((B.mT @ B).double())
     _, vecs = torch.linalg.eigh(gram)  # ascending
     W = vecs.flip(-1)[..., :rank].to(X.dtype)  # [b, width, r], largest first
     return (W.mT @ Q.mT).contiguous()  # [b, r, k]
