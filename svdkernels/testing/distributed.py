@@ -101,7 +101,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     a gloo process group (``torch.distributed`` is initialised in each before ``fn``).
 
     ``fn`` must be a module-level function and ``args`` and each rank's return value
-    picklable (return plain tensors, not DTensors). ``threads`` is each process's
+    picklable (return plain tensors, not DTensors). The processes are spawned: they
+    import ``fn``'s module and the caller's main script, so a script must call this
+    under ``if __name__ == "__main__":``. ``threads`` is each process's
     ``torch.set_num_threads``. ``timeout`` (seconds) bounds the whole run, start-up
     included; ``collective_timeout`` (default ``0.8 * timeout``) is the process group's
     timeout, so a collective that never completes raises in its rank.

@@ -18,6 +18,7 @@ RANK, SEED = 2, 7
 # weight (40 x 64 = 2560): a gathered weight cannot hide among them.
 SHAPES = ((64, 64), (64, 64), (64, 40))
 TOL = 1e-5  # fp32 rounding (measured about 1e-7)
+METHODS = ("pissa", "svfit", "sorsa")  # every method adapt supports sharded
 
 
 def _model():
@@ -48,7 +49,11 @@ def _probe(shapes_box):
     return Shapes()
 
 
-def _worker(rank, world_size, method, sizes):
+def _worker(rank, world_size, methods, sizes):
+    return {"methods": {m: _one_method(rank, m, sizes) for m in methods}, "errors": _errors(rank)}
+
+
+def _one_method(rank, method, sizes):
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard
@@ -105,10 +110,11 @@ def _worker(rank, world_size, method, sizes):
         full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in params.items()}
         with torch.no_grad():
             y = model(x)
-        out[size] = {"full": full, "placements": placements, "shapes": shapes, "comm": comm,
+        out[size] = {"trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad), "full": full, "placements": placements, "shapes": shapes, "comm": comm,
                      "y": y.detach(), "y_base": y_base, "residual_is_dtensor": isinstance(model[0].weight, DTensor)
                      and model[0].weight.placements == (Shard(0),)}
-    return {"ref": ref_params, "y_ref": y_ref, "out": out, "errors": _errors(rank)}
+    return {"ref": ref_params, "y_ref": y_ref, "out": out,
+            "ref_trainable": sorted(n for n, p in ref.named_parameters() if p.requires_grad)}
 
 
 def _errors(rank):
@@ -138,12 +144,15 @@ def _errors(rank):
 
 @pytest.fixture(scope="module")
 def runs():
-    return run_distributed(_worker, 4, "pissa", (2, 4), timeout=240)
+    return run_distributed(_worker, 4, METHODS, (2, 4), timeout=240)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("size", [2, 4])
-def test_equals_single_process_adapt(runs, size):
-    got, ref = runs[0]["out"][size]["full"], runs[0]["ref"]
+def test_equals_single_process_adapt(runs, size, method):
+    run = runs[0]["methods"][method]
+    got, ref = run["out"][size]["full"], run["ref"]
+    assert run["out"][size]["trainable"] == run["ref_trainable"] and run["ref_trainable"]
     assert set(got) == set(ref)
     for name, t in ref.items():
         assert got[name].shape == t.shape, name
@@ -153,11 +162,12 @@ def test_equals_single_process_adapt(runs, size):
             assert (got[name] - t).abs().max() <= TOL * max(1.0, float(t.abs().max())), name
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("size", [2, 4])
-def test_outputs_preserved_and_residual_sharded(runs, size):
+def test_outputs_preserved_and_residual_sharded(runs, size, method):
     for r in range(size):
-        o = runs[r]["out"][size]
-        assert (o["y"] - runs[0]["y_ref"]).abs().max() <= TOL and (o["y"] - o["y_base"]).abs().max() <= 1e-4
+        o = runs[r]["methods"][method]["out"][size]
+        assert (o["y"] - runs[0]["methods"][method]["y_ref"]).abs().max() <= TOL and (o["y"] - o["y_base"]).abs().max() <= 1e-4
         assert o["residual_is_dtensor"]
         assert o["placements"] and all(p == (Shard(0),) for p in o["placements"].values())
 
@@ -167,7 +177,7 @@ def test_no_full_weight_is_materialised_or_communicated(runs, size):
     weights = {(fan_out, fan_in) for fan_in, fan_out in SHAPES}
     smallest = min(a * b for a, b in weights)
     for r in range(size):
-        o = runs[r]["out"][size]
+        o = runs[r]["methods"]["pissa"]["out"][size]
         assert o["comm"], "the probe saw no collective"
         assert max(o["comm"]) < smallest, (r, max(o["comm"]), smallest)
         full_shaped = [s for s in o["shapes"] if len(s) >= 2 and s[-2:] in weights]
