@@ -38,7 +38,8 @@ Choices where the paper leaves one (documented here, tested):
   ``I_l = 1 − s_l`` (a layer that changes its input more does more work and keeps more),
   normalise ``Î_l = I_l / mean(I)`` and freeze the fraction
   ``min_fraction + Î_l·(rank_fraction − min_fraction)`` (clamped to ``[0, max_fraction]``)
-  of ``min(m, n)``; the mean frozen fraction per task is then ``rank_fraction``.
+  of ``min(m, n)``; the mean frozen fraction per task is then ``rank_fraction``. A target
+  with no same-shape module around it gets ``Î = 1`` (the mean).
   ``importance="uniform"`` freezes ``rank_fraction`` everywhere and needs no data.
 - At most ``max_fraction`` of each weight's rank is ever frozen (default 0.9), so every
   layer keeps trainable directions.
@@ -130,10 +131,8 @@ def _io_similarity(model: nn.Module, names: list[str], calib_batches: Iterable[A
     out = {}
     for n, chain in chains.items():
         found = next((m for m in chain if m in sums and sums[m][1] > 0), None)
-        if found is None:
-            raise ValueError(f"calib_batches: no module around target {n!r} (itself or an enclosing one) has an "
-                             "output of its input's shape, so io_similarity cannot rank it; use importance='uniform'")
-        out[n] = sums[found][0] / sums[found][1]
+        if found is not None:
+            out[n] = sums[found][0] / sums[found][1]
     return out
 
 
@@ -249,10 +248,10 @@ class OrthogonalSubspace:
                              "(the layer-importance rule), got None")
         sim = _io_similarity(self.model, names, calib_batches)
         imp = {n: max(1.0 - s, 0.0) for n, s in sim.items()}
-        mean = sum(imp.values()) / len(imp)
-        if mean <= 0:
-            return {n: self.rank_fraction for n in names}
-        return {n: min(max(self.min_fraction + imp[n] / mean * (self.rank_fraction - self.min_fraction), 0.0),
+        mean = sum(imp.values()) / len(imp) if imp else 0.0
+        # A target with no same-shape module around it (or all importances zero) gets the mean: Î = 1.
+        rel = {n: imp[n] / mean if mean > 0 and n in imp else 1.0 for n in names}
+        return {n: min(max(self.min_fraction + rel[n] * (self.rank_fraction - self.min_fraction), 0.0),
                        self.max_fraction) for n in names}
 
     @torch.no_grad()
@@ -265,13 +264,10 @@ class OrthogonalSubspace:
         for (shape, _, _), names in groups.items():
             m, n_in = shape
             full = min(m, n_in)
-            W = torch.stack([self.layers[n].weight.detach().float() for n in names])
-            Uo = torch.stack([self.U[n].float() for n in names])
-            Vo = torch.stack([self.V[n].float() for n in names])
-            # The weight with the earlier tasks' directions removed: its top directions are new.
-            if Uo.shape[-1]:
-                W = W - Uo @ (Uo.mT @ W)
-                W = W - (W @ Vo) @ Vo.mT
+            # Each weight with the earlier tasks' directions removed (thin products; ranks may
+            # differ within a group): its top directions are the new ones.
+            W = torch.stack([project_off(self.layers[n].weight.detach().float().clone(), self.U[n].float(),
+                                         self.V[n].float()) for n in names])
             Us, _, Vh = torch.linalg.svd(W, full_matrices=False)  # one batched SVD per shape group
             for i, n in enumerate(names):
                 have = self.U[n].shape[1]

@@ -253,7 +253,7 @@ class RankDecay:
         keep = self.rank // 2
         if keep < 2:
             keep = 0  # below rank 2: all of Φ fades and is removed
-        for names in self._groups({n: l.L for n, l in self.layers.items()}).values():
+        for names in self._groups({n: l.weight for n, l in self.layers.items()}).values():  # shapes of L and R
             L = torch.stack([self.layers[n].L.detach() for n in names])
             R = torch.stack([self.layers[n].R.detach() for n in names])
             Lk, Rk, Lr, Rr = thin_halve(L, R, keep)

@@ -70,6 +70,12 @@ def test_thin_halve_is_exact_and_uses_only_rxr_svd(monkeypatch):
     # One batched call per shape group (two here: 128×64 and 64×128) and halving.
     assert shapes == [(8, 8), (8, 8), (4, 4), (4, 4), (2, 2), (2, 2)], shapes
     assert rd.finished
+    # Same output width, different input widths: two groups.
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(128, 64))
+    rd = RankDecay(model, start_rank=4, every=1)
+    shapes.clear()
+    rd.step()
+    assert sorted(shapes) == [(4, 4), (4, 4)] and model[2].rank == 2
 
 
 def test_schedule_halves_fades_with_cosine_and_removes_below_rank_2():
