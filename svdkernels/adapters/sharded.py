@@ -25,14 +25,18 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
 
 from svdkernels.adapters.adapt import _replace, _shape_groups, residual_weight
 from svdkernels.adapters.methods import Init, _pissa_like, _spectral
 from svdkernels.adapters.modules import Targets, find_linears, matches
 from svdkernels.adapters.svd_linear import SVDLinear
-from svdkernels.ops.rsvd_sharded import rsvd_sharded
+
+# adapt imports this module on every call: a torch built without torch.distributed
+# (no DTensor, no FSDP) must still adapt plain models.
+if dist.is_available():
+    from torch.distributed.tensor import DTensor, Shard
 
 Tensor = torch.Tensor
 
@@ -48,6 +52,8 @@ SHARDED_METHODS = tuple(_FROM_SVD)
 
 
 def _fsdp_linear(m: nn.Module) -> bool:
+    if not dist.is_available():
+        return False
     from torch.distributed.fsdp import FSDPModule
 
     # fully_shard swaps a module's class for FSDP<Class>(FSDPModule, Class).
@@ -69,7 +75,7 @@ def find_target_linears(model: nn.Module, targets: Targets) -> dict[str, nn.Line
 
 def is_sharded(layers: dict[str, nn.Linear]) -> bool:
     """Whether any target layer's weight is a DTensor."""
-    return any(isinstance(layer.weight, DTensor) for layer in layers.values())
+    return dist.is_available() and any(isinstance(layer.weight, DTensor) for layer in layers.values())
 
 
 def check_sharded(method: str, layers: dict[str, nn.Linear]) -> None:
@@ -145,6 +151,8 @@ def adapt_sharded(model: nn.Module, method: str, layers: dict[str, nn.Linear], *
                   seed: int, oversample: int = 10, n_iter: int = 2, **method_kwargs: Any) -> nn.Module:
     """:func:`svdkernels.adapt`'s work for FSDP2-sharded ``layers`` (checked by :func:`check_sharded`;
     arguments already validated by ``adapt``). Returns ``model`` with the layers replaced."""
+    from svdkernels.ops.rsvd_sharded import rsvd_sharded
+
     check_sharded(method, layers)
     scaling = alpha / rank
     built: dict[str, SVDLinear] = {}
