@@ -21,7 +21,6 @@ Three parts:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 from typing import Optional, Union
 
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from svdkernels.adapters.adapt import adapt
+from svdkernels.adapters.modules import Targets, find_linears
 from svdkernels.errors import check_finite_number
 
 
@@ -42,9 +42,9 @@ def block_index(name: str) -> Optional[int]:
 
 
 def soma_targets(model: nn.Module, freeze_blocks: Union[int, Iterable[int]] = 0,
-                 targets: Optional[str] = None) -> list[str]:
+                 targets: Targets = None) -> list[str]:
     """Names of the ``nn.Linear`` layers of ``model`` that SoMA adapts: those outside
-    the frozen blocks (and matching the regex ``targets``, if given).
+    the frozen blocks (and selected by ``targets``, as :func:`svdkernels.adapt`'s).
 
     ``freeze_blocks``: an int ``k`` freezes blocks ``0..k−1`` (the early blocks, as the
     paper), or an iterable of block indices. Layers outside any numbered block (a
@@ -53,8 +53,7 @@ def soma_targets(model: nn.Module, freeze_blocks: Union[int, Iterable[int]] = 0,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear
-               and (targets is None or re.fullmatch(targets, n))]
+    linears = list(find_linears(model, targets))
     blocks = sorted({b for n in linears if (b := block_index(n)) is not None})
     if isinstance(freeze_blocks, bool):
         raise TypeError(f"freeze_blocks: expected an int or block indices, got {freeze_blocks!r}")
@@ -75,7 +74,7 @@ def soma_targets(model: nn.Module, freeze_blocks: Union[int, Iterable[int]] = 0,
 
 
 def adapt_soma(model: nn.Module, *, rank: int = 16, freeze_blocks: Union[int, Iterable[int]] = 0,
-               targets: Optional[str] = None, alpha: Optional[float] = None,
+               targets: Targets = None, alpha: Optional[float] = None,
                modules_to_save: Optional[Union[str, list[str]]] = None) -> nn.Module:
     """SoMA's adapter on ``model`` in place: the linear layers outside the frozen blocks
     (:func:`soma_targets`) get MiLoRA's minor-component ``B·A`` of rank ``rank``;

@@ -18,8 +18,7 @@ a ``torch.distributed`` group (the server on rank 0), with the same result.
 """
 from __future__ import annotations
 
-import copy
-import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Optional
 
@@ -155,7 +154,9 @@ def dp_gradients(model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tens
     def one(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
         return loss_fn(functional_call(model, p, (xi[None],)), yi[None])
 
-    per = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)  # {name: [b, ...]}
+    with warnings.catch_warnings():  # vmap's per-sample loop for in-place addmm_ (SVDLinear) is expected
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        per = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)  # {name: [b, ...]}
     b = x.shape[0]
     norms = torch.sqrt(sum(g.reshape(b, -1).pow(2).sum(1) for g in per.values()))
     factor = (clip / (norms + 1e-12)).clamp(max=1.0)  # [b]
