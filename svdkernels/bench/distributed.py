@@ -111,7 +111,8 @@ def _rsvd_worker(rank: int, world: int, cases: list[tuple[int, int, int]], repea
 class LiveBytes(TorchDispatchMode):
     """Peak bytes of the CPU tensors that ops create while the mode is on (a storage is
     counted once, from the op that creates it until its last tensor from those ops is
-    freed): the working memory of a call beyond its inputs."""
+    freed; views and in-place results of tensors made before are not new memory): the
+    working memory of a call beyond its inputs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -120,12 +121,16 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # Views and in-place results share an input's storage: not new memory.
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if type(t) is torch.Tensor}
         for t in tree_leaves(out):
             if type(t) is torch.Tensor and t.device.type == "cpu":
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
                 if key in self._refs:
                     self._refs[key][0] += 1
+                elif key in inputs:
+                    continue
                 else:
                     self._refs[key] = [1, storage.nbytes()]
                     self.live += storage.nbytes()

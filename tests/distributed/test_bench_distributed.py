@@ -24,6 +24,8 @@ def test_local_rows_do_not_depend_on_the_world_size(m):
 def test_live_bytes_counts_peak_of_created_tensors():
     x = torch.ones(1000)
     with LiveBytes() as mem:
+        x.view(10, 100).mT.add_(0)  # a view of and in place on a tensor made before: nothing new
+        assert mem.peak == 0
         a = x * 2  # 4000 bytes
         b = a + 1  # 8000 live
         del a
