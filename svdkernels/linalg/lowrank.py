@@ -40,16 +40,21 @@ def _check_niter(niter: object) -> int:
     return niter
 
 
+def _dtype(A: torch.Tensor) -> torch.dtype:
+    """The dtype of the factors ``U``, ``V``: complex stays complex, float64 stays float64."""
+    return A.dtype if A.is_complex() or A.dtype == torch.float64 else torch.float32
+
+
 def _empty(A: torch.Tensor) -> Factors:
     *batch, m, n = A.shape
-    dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
-    new = lambda *s: torch.zeros(*s, dtype=dtype, device=A.device)  # noqa: E731
-    return new(*batch, m, 0), new(*batch, 0), new(*batch, n, 0)
+    dtype = _dtype(A)
+    new = lambda *s, dt=dtype: torch.zeros(*s, dtype=dt, device=A.device)  # noqa: E731
+    return new(*batch, m, 0), new(*batch, 0, dt=dtype.to_real()), new(*batch, n, 0)
 
 
 def _factors(out: Factors) -> Factors:
     U, S, Vh = out
-    return U, S, Vh.mT
+    return U, S, Vh.mH
 
 
 def svd_lowrank(
@@ -99,7 +104,7 @@ def svd_lowrank(
         ok = False
     if not ok:
         raise ValueError(f"M: expected a shape broadcastable to A's {tuple(A.shape)}, got {tuple(M.shape)}")
-    dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+    dtype = _dtype(A)
     M = M.to(device=A.device, dtype=dtype)
     if M.dim() >= 2 and (M.shape[-2] == 1 or M.shape[-1] == 1):
         if M.shape[-2] == 1:  # the same row subtracted from every row: A − 1·mᵀ

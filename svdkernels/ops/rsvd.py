@@ -13,7 +13,7 @@ sparse COO/CSR input, ``center``, ``method="krylov"`` and ``tol``.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -21,9 +21,10 @@ from svdkernels.backends import select_backend
 from svdkernels.reference import rsvd as reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 _SKETCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _LAYOUTS = (torch.strided, torch.sparse_coo, torch.sparse_csr)
-METHODS = ("hmt", "krylov")
+METHODS = ("hmt", "krylov", "dash")
 CENTERS = ("columns", "rows")
 INT64 = (-(2**63), 2**63 - 1)
 
@@ -59,12 +60,13 @@ def validate(
     """Raise ``TypeError``/``ValueError`` naming the argument for any bad input."""
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"A: expected a torch.Tensor, got {type(A).__name__}")
-    if A.dtype not in _FLOAT_DTYPES:
-        hint = " (complex input is not supported: factor the real and imaginary parts' stacked form)" if A.is_complex() else ""
-        raise TypeError(f"A: expected dtype float32, float64, float16 or bfloat16, got {A.dtype}{hint}")
+    if A.dtype not in _FLOAT_DTYPES + _COMPLEX_DTYPES:
+        raise TypeError(f"A: expected dtype float32, float64, float16, bfloat16, complex64 or complex128, got {A.dtype}")
     if A.dim() < 2:
         raise ValueError(f"A: expected a tensor of shape [..., m, n] (at least 2 dims), got shape {tuple(A.shape)}")
     _validate_sparse(A)
+    if A.is_complex() and A.layout != torch.strided:
+        raise TypeError(f"A: complex input is supported dense (torch.strided) only, got {A.dtype} in {A.layout}")
     for name, value in (("rank", rank), ("oversample", oversample), ("n_iter", n_iter)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -86,8 +88,8 @@ def validate(
             raise TypeError(f"tol: expected a float or None, got {type(tol).__name__}")
         if not (math.isfinite(tol) and tol > 0):
             raise ValueError(f"tol: expected a finite float > 0, got {tol}")
-        if method != "hmt":
-            raise ValueError(f"tol: supported with method='hmt' only, got method={method!r}")
+        if method == "krylov":
+            raise ValueError(f"tol: supported with method='hmt' or 'dash' only, got method={method!r}")
     if (shift_u is None) != (shift_v is None):
         raise ValueError("shift_u, shift_v: expected both or neither, got one")
     if shift_u is not None:
@@ -95,7 +97,7 @@ def validate(
             raise ValueError(f"center: expected None when shift_u/shift_v are given, got {center!r}")
         batch = tuple(A.shape[:-2])
         for name, t, size in (("shift_u", shift_u, m), ("shift_v", shift_v, n)):
-            if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.dtype not in _FLOAT_DTYPES:
+            if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.dtype not in _FLOAT_DTYPES + _COMPLEX_DTYPES:
                 raise TypeError(f"{name}: expected a dense float tensor, got {type(t).__name__ if not isinstance(t, torch.Tensor) else (t.layout, t.dtype)}")
             try:
                 torch.broadcast_shapes(tuple(t.shape), (*batch, size))
@@ -119,7 +121,7 @@ def validate_seed(seed: object) -> None:
 
 
 def _use_triton(A: torch.Tensor, center, method, tol, shift_u) -> bool:
-    plain = A.layout == torch.strided and A.dtype != torch.float64
+    plain = A.layout == torch.strided and A.dtype in (torch.float32, torch.float16, torch.bfloat16)
     plain = plain and center is None and method == "hmt" and tol is None and shift_u is None
     return plain and select_backend("rsvd", A.device) == "triton"
 
@@ -165,11 +167,12 @@ def rsvd_op(
 def _(A, rank, oversample, n_iter, seed, sketch_dtype, center=None, method="hmt", tol=None, shift_u=None, shift_v=None):
     validate(A, rank, oversample, n_iter, sketch_dtype, center, method, tol, shift_u, shift_v)
     *batch, m, n = A.shape
-    dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+    real = torch.float64 if A.dtype in (torch.float64, torch.complex128) else torch.float32
+    vectors = A.dtype if A.is_complex() else real
     return (
-        torch.empty(*batch, m, rank, dtype=dtype, device=A.device),
-        torch.empty(*batch, rank, dtype=dtype, device=A.device),
-        torch.empty(*batch, rank, n, dtype=dtype, device=A.device),
+        torch.empty(*batch, m, rank, dtype=vectors, device=A.device),
+        torch.empty(*batch, rank, dtype=real, device=A.device),
+        torch.empty(*batch, rank, n, dtype=vectors, device=A.device),
     )
 
 
@@ -194,11 +197,12 @@ def rsvd(
     ``c·S`` for any ``c`` that keeps ``c·A`` finite (1e-30 and 1e18 included).
 
     Args:
-        A: ``[..., m, n]`` float32, float64, float16 or bfloat16, any number of batch
-            dims, any device; or sparse: COO ``[m, n]``/``[B, m, n]`` or CSR ``[m, n]``/
-            ``[B, m, n]`` (never densified: products are CSR × dense, ``O(nnz)``
-            extra memory for CSR copies of ``A`` and ``Aᵀ``). Complex input is not
-            supported. Every entry must be finite.
+        A: ``[..., m, n]`` float32, float64, float16, bfloat16, complex64 or complex128,
+            any number of batch dims, any device; or sparse (real): COO ``[m, n]``/
+            ``[B, m, n]`` or CSR ``[m, n]``/``[B, m, n]`` (never densified: products are
+            CSR × dense, ``O(nnz)`` extra memory for CSR copies of ``A`` and ``Aᵀ``).
+            Complex ``A`` runs the reference backend with conjugate transposes, a complex
+            Gaussian test matrix and Householder QR (as float64). Every entry must be finite.
         rank: number of singular triplets, ``1 <= rank <= min(m, n)``.
         oversample: extra sketch columns. ``rank + oversample >= min(m, n)``
             computes an exact SVD instead (dense ``A``; sparse ``A`` gets a sketch of
@@ -214,26 +218,33 @@ def rsvd(
             projection always read ``A`` in its own precision, so accuracy is that
             of the input's dtype; see ``svdkernels/reference/rsvd.py``), else the
             input's dtype. Ignored for
-            sparse ``A``, ``method="krylov"`` and ``tol`` (every pass then reads ``A``
-            in its working precision).
+            sparse or complex ``A``, ``method="krylov"``/``"dash"`` and ``tol`` (every
+            pass then reads ``A`` in its working precision).
         center: ``None``/``False``: factor ``A``. ``True`` or ``"columns"``: factor
             ``A − 1·mean(A, dim=-2)`` (each column centred: PCA with samples as rows,
             ``torch.pca_lowrank``'s centring); ``"rows"``: ``A − mean(A, dim=-1)·1ᵀ``.
             Applied implicitly, as a rank-one correction of every product: a sparse
             ``A`` is never densified.
-        method: ``"hmt"`` (subspace iteration, the default) or ``"krylov"`` (block
-            Krylov, Musco & Musco 2015): the same ``2·n_iter + 2`` passes over ``A``,
-            a basis of ``(n_iter + 1)·(rank + oversample)`` columns, a lower error at
-            equal passes on slowly decaying spectra (more FLOPs in the thin products).
+        method: all three make the same ``2·n_iter + 2`` passes over ``A``.
+            ``"hmt"``: subspace iteration (the default). ``"krylov"``: block Krylov
+            (Musco & Musco 2015), a basis of ``(n_iter + 1)·(rank + oversample)``
+            columns: the lowest error at equal passes on slowly decaying spectra (more
+            FLOPs in the thin products). ``"dash"``: dashSVD's shifted power iteration
+            (Feng et al. 2024): iterates with ``A·Aᵀ − α·I``, ``α`` updated from the
+            smallest estimated eigenvalue; the basis stays ``rank + oversample`` wide, one
+            orthonormalisation per iteration; equal to HMT at ``n_iter=1`` (the first
+            step is unshifted), lower error than HMT from ``n_iter=2`` on.
         tol: dashSVD's accuracy control: stop the power iteration once
             ``max_{i≤k} |σ_i(t)² − σ_i(t−1)²| / σ_{k+1}(t)²`` (the PVE criterion on
             successive estimates) is below ``tol`` for every matrix in the batch
-            (``"hmt"`` only; dashSVD uses 1e-2). One host synchronisation per iteration.
+            (``"hmt"`` and ``"dash"``; dashSVD uses 1e-2). One host synchronisation
+            per iteration. For a rank chosen by the captured energy see :func:`rsvd_pve`.
 
     Returns:
         ``U [..., m, rank]`` with orthonormal columns, ``S [..., rank]`` descending,
         ``Vh [..., rank, n]`` with orthonormal rows; float64 for float64 ``A``, else
-        float32; contiguous, dense.
+        float32 (complex ``A``: ``U``, ``Vh`` in its dtype, ``S`` real of its precision);
+        contiguous, dense.
         Exception: where ``A`` has exact rank below ``rank`` (an all-zero matrix,
         say), the vectors of the exactly-zero singular values are returned as zero
         vectors rather than an arbitrary orthonormal completion (completing them
@@ -242,8 +253,8 @@ def rsvd(
         an orthonormal completion instead.
 
     Backends: dense float32/16-bit input with ``center``, ``method`` and ``tol`` at
-    their defaults runs the Triton passes on CUDA; float64, sparse, centred, Krylov
-    and ``tol`` calls run the reference backend (torch products) on any device.
+    their defaults runs the Triton passes on CUDA; float64, complex, sparse, centred,
+    Krylov, dash and ``tol`` calls run the reference backend (torch products) on any device.
 
     Raises:
         ValueError: naming ``A`` if it holds NaN or Inf; naming the argument for a
@@ -269,3 +280,134 @@ def rsvd(
     if tol is not None:
         tol = float(tol)
     return torch.ops.svdkernels.rsvd(A, rank, oversample, n_iter, seed, sketch_dtype, center, method, tol)
+
+
+class PVEResult(NamedTuple):
+    """:func:`rsvd_pve`'s result: factors padded to the batch's largest chosen rank."""
+
+    U: torch.Tensor  # [..., m, r_max]
+    S: torch.Tensor  # [..., r_max]
+    Vh: torch.Tensor  # [..., r_max, n]
+    rank: torch.Tensor  # [...] int64
+
+
+def _energy(A: torch.Tensor, center: Optional[str]) -> torch.Tensor:
+    """``[B]`` float64 ``‖A_b‖_F²`` of every matrix (centred if asked), never densifying a sparse ``A``.
+
+    Centring by columns: ``‖A − 1·μᵀ‖² = ‖A‖² − m·‖μ‖²`` (rows: ``− n·‖ν‖²``), in float64.
+    """
+    m, n = A.shape[-2:]
+    if A.layout == torch.strided:
+        A3 = A.reshape(-1, m, n)
+        norm2 = torch.linalg.vector_norm(A3, dim=(-2, -1)).double() ** 2
+        if center is not None:
+            mean = A3.mean(-2) if center == "columns" else A3.mean(-1)
+            norm2 = norm2 - (m if center == "columns" else n) * torch.linalg.vector_norm(mean, dim=-1).double() ** 2
+        return norm2.clamp_min(0)
+    mats = reference.sparse_matrices(A)
+    norm2 = torch.stack([M.values().double().pow(2).sum() for M in mats])
+    if center is not None:
+        ones = torch.ones(n if center == "rows" else m, 1, dtype=torch.float64, device=A.device)
+        sums = torch.stack([
+            (M.double() @ ones if center == "rows" else reference.csr_transpose(M.double()) @ ones)[:, 0] for M in mats
+        ])
+        size = m if center == "columns" else n
+        norm2 = norm2 - sums.pow(2).sum(-1) / size  # size·‖sums/size‖²
+    return norm2.clamp_min(0)
+
+
+def rsvd_pve(
+    A: torch.Tensor,
+    pve: float = 0.9,
+    *,
+    max_rank: Optional[int] = None,
+    block: int = 16,
+    oversample: int = 10,
+    n_iter: int = 2,
+    seed: Optional[int] = None,
+    center: Union[bool, str, None] = None,
+    method: str = "hmt",
+    tol: Optional[float] = None,
+) -> PVEResult:
+    """Randomized SVD with the rank chosen per matrix by the captured energy (PVE).
+
+    The PVE criterion of dashSVD (Feng, Yu, Xie & Tang 2024, TOMS Alg. 1043; the
+    "percentage of variance explained" of PCA): for every matrix ``A_b`` of the batch
+    the rank is the smallest ``r`` with
+
+        ``Σ_{i≤r} σ̃_i² ≥ pve · ‖A_b‖_F²``
+
+    where ``σ̃`` are the randomized estimates and ``‖A_b‖_F²`` is exact (one pass,
+    ``O(nnz)`` for sparse ``A``; of the centred matrix with ``center``). Because the
+    rank-``r`` result is ``U_r·U_rᵀ·A`` (a projection), ``Σ_{i≤r} σ̃_i² = ‖U_rᵀA‖_F²``: the
+    returned rank-``r`` factors capture at least ``pve`` of the energy, and since
+    ``σ̃_i ≤ σ_i`` the rank is never below the exact SVD's (above it by however much the
+    estimates fall short; more ``n_iter`` or ``method="krylov"`` closes the gap).
+
+    The sketch grows: :func:`rsvd` at rank ``block``, then ``2·block``, ``4·block``, …
+    up to ``max_rank`` (a fresh sketch each time, same seed), until every matrix of
+    the batch reaches ``pve``: at most about twice the work of one call at the final
+    rank. A matrix that does not reach ``pve`` within ``max_rank`` gets
+    ``rank = max_rank`` (check ``S.pow(2).sum(-1)`` against ``‖A‖_F²`` to tell); an
+    all-zero matrix gets rank 0.
+
+    Batched results are padded (the shapes must be the batch's): ``U``, ``S``, ``Vh``
+    have ``r_max = max(rank)`` columns/values/rows, and for matrix ``b`` those past
+    ``rank[b]`` are exactly zero, so ``U·diag(S)·Vh`` is the rank-``rank[b]``
+    approximation with no masking. As ``torch.linalg.lstsq`` returns its ``rank``, the
+    ranks come back as an int64 tensor. The rank loop synchronises with the host
+    (data-dependent shapes): not for ``torch.compile(fullgraph=True)``; :func:`rsvd`
+    with a fixed rank is.
+
+    Args:
+        A: as :func:`rsvd` (dense, sparse COO/CSR, complex, any batch dims).
+        pve: the energy fraction to capture, ``0 < pve <= 1``.
+        max_rank: the largest rank allowed; ``min(m, n)`` by default.
+        block: the first rank tried, ``>= 1``.
+        oversample, n_iter, seed, center, method, tol: as :func:`rsvd`.
+
+    Returns:
+        ``PVEResult(U [..., m, r_max], S [..., r_max], Vh [..., r_max, n], rank [...] int64)``.
+
+    Example::
+
+        U, S, Vh, rank = svdkernels.rsvd_pve(W, 0.9, max_rank=128)  # rank: [*batch]
+    """
+    if isinstance(pve, bool) or not isinstance(pve, (int, float)):
+        raise TypeError(f"pve: expected a float in (0, 1], got {type(pve).__name__}")
+    if not (math.isfinite(pve) and 0 < pve <= 1):
+        raise ValueError(f"pve: expected a float in (0, 1], got {pve}")
+    if not isinstance(A, torch.Tensor) or A.dim() < 2:
+        validate(A, 1, oversample, n_iter, None)  # raises, naming A
+    p = min(A.shape[-2:])
+    if max_rank is None:
+        max_rank = p
+    for name, value in (("max_rank", max_rank), ("block", block)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not 1 <= max_rank <= p:
+        raise ValueError(f"max_rank: expected 1 <= max_rank <= min(m, n) = {p}, got {max_rank}")
+    if block < 1:
+        raise ValueError(f"block: expected >= 1, got {block}")
+    center = "columns" if center is True else (None if center is False else center)
+    validate(A, min(block, max_rank), oversample, n_iter, None, center, method, tol)
+    validate_seed(seed)
+    if seed is None:  # one seed for every growth step
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    *batch, m, n = A.shape
+    norm2 = _energy(A, center) if math.prod(batch) > 0 else torch.zeros(0, dtype=torch.float64)
+    k = min(block, max_rank)
+    while True:
+        U, S, Vh = rsvd(A, k, oversample=oversample, n_iter=n_iter, seed=seed, center=center, method=method, tol=tol)
+        captured = S.reshape(-1, k).double().pow(2).cumsum(-1)  # [B, k]
+        short = (captured < pve * norm2.unsqueeze(-1)).sum(-1)  # values before the target is reached
+        if k == max_rank or bool((short < k).all()):
+            break
+        k = min(2 * k, max_rank)
+    rank = torch.where(norm2 > 0, (short + 1).clamp_max(k), torch.zeros_like(short)).reshape(batch)
+    r_max = int(rank.max()) if rank.numel() else 0
+    keep = torch.arange(r_max, device=S.device) < rank.unsqueeze(-1).to(S.device)  # [..., r_max]
+    U = U[..., :r_max] * keep.unsqueeze(-2)
+    Vh = Vh[..., :r_max, :] * keep.unsqueeze(-1)
+    S = S[..., :r_max] * keep
+    return PVEResult(U, S, Vh, rank)

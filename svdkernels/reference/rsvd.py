@@ -48,6 +48,13 @@ Beyond that plan (all in this driver, so every backend gets them):
   passes, but the basis keeps every block ``[AΩ, (AAᵀ)AΩ, …, (AAᵀ)^q AΩ]`` instead of
   only the last: error ``(1+ε)`` in ``O(log d/√ε)`` iterations against ``O(log d/ε)``.
   The final projection is ``(n_iter+1)`` times wider (more FLOPs, the same reads of ``A``).
+- ``method="dash"``: dashSVD's shifted power iteration (Feng, Yu, Xie & Tang 2024,
+  TOMS Alg. 1043): ``Q ← orth((A·Aᴴ − α·I)·Q)`` with a dynamic shift ``α`` (see
+  :func:`_dash_basis`); the same passes and basis width as HMT, a lower error from
+  the second iteration on.
+- complex input (dense): every ``ᵀ`` is ``ᴴ`` (``.mH``, a no-op difference for real
+  tensors), the test matrix is complex Gaussian, and the bases and the small SVD are
+  as for float64 (Householder QR, direct SVD); all passes in the input's precision.
 - ``tol``: dashSVD's accuracy control (Feng, Yu et al., TOMS Alg. 1043): stop the power
   iteration once the PVE-style change of the estimated spectrum,
   ``max_{i≤k} |σ_i(t)² − σ_i(t−1)²| / σ_{k+1}(t)²``, is below ``tol`` for every matrix
@@ -114,18 +121,17 @@ class TorchPasses:
         return A if A.dtype == dtype else A.to(dtype)
 
     def sketch(self, A: torch.Tensor, width: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
-        g = torch.Generator(device=A.device).manual_seed(seed)
-        omega = torch.randn(A.shape[0], A.shape[-1], width, generator=g, device=A.device)
+        omega = gaussian(A.shape[0], A.shape[-1], width, seed, A.device, dtype=complex_or_float32(A.dtype))
         return self.matmul(A, omega, transpose=False, dtype=dtype)
 
     def matmul(
         self, A: torch.Tensor, X: torch.Tensor, *, transpose: bool, dtype: torch.dtype
     ) -> torch.Tensor:
         A, X = A.to(dtype), X.to(dtype)
-        # Aᵀ·X as (Xᵀ·A)ᵀ: BLAS streams A in its stored order, measured 1.3-1.5x
-        # faster than a transposed-A product on the CPU for thin X.
-        out = (X.mT @ A).mT if transpose else A @ X
-        return out if out.dtype in (torch.float32, torch.float64) else out.float()
+        # Aᴴ·X as (Xᴴ·A)ᴴ: BLAS streams A in its stored order, measured 1.3-1.5x
+        # faster than a transposed-A product on the CPU for thin X. (ᴴ is ᵀ for real A.)
+        out = (X.mH @ A).mH if transpose else A @ X
+        return out if out.dtype not in (torch.float16, torch.bfloat16) else out.float()
 
 
 TORCH_PASSES = TorchPasses()
@@ -292,11 +298,19 @@ class SparsePasses:
 SPARSE_PASSES = SparsePasses()
 
 
-def gaussian(batch: int, n: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
-    """``Ω [batch, n, width]`` float32 i.i.d. N(0, 1), a function of ``seed``: the test
-    matrix of :class:`TorchPasses` (and of :class:`SparsePasses`, :class:`ShiftedPasses`)."""
+def gaussian(
+    batch: int, n: int, width: int, seed: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``Ω [batch, n, width]`` i.i.d. N(0, 1) (float32; complex: CN(0, 1) in ``dtype``), a
+    function of ``seed``: the test matrix of :class:`TorchPasses` (and of
+    :class:`SparsePasses`, :class:`ShiftedPasses`)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(batch, n, width, generator=g, device=device)
+    return torch.randn(batch, n, width, generator=g, device=device, dtype=dtype)
+
+
+def complex_or_float32(dtype: torch.dtype) -> torch.dtype:
+    """The test matrix's dtype for ``A`` of ``dtype``: complex Gaussian for complex ``A``."""
+    return dtype if dtype.is_complex else torch.float32
 
 
 # --------------------------------------------------------------------------- A − u·vᵀ
@@ -319,11 +333,13 @@ class ShiftedPasses:
 
     def sketch(self, A: Any, width: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
         B, n = self.v.shape
-        return self.matmul(A, gaussian(B, n, width, seed, self.v.device), transpose=False, dtype=dtype)
+        omega = gaussian(B, n, width, seed, self.v.device, dtype=complex_or_float32(self.v.dtype))
+        return self.matmul(A, omega, transpose=False, dtype=dtype)
 
     def matmul(self, A: Any, X: torch.Tensor, *, transpose: bool, dtype: torch.dtype) -> torch.Tensor:
         out = self.inner.matmul(A, X, transpose=transpose, dtype=dtype)
-        left, right = (self.v, self.u) if transpose else (self.u, self.v)
+        # (A − u·vᵀ)ᴴ·X = AᴴX − v̄·(ūᵀX); conj() is a no-op view for real u, v.
+        left, right = (self.v.conj(), self.u.conj()) if transpose else (self.u, self.v)
         X = X.to(out.dtype)
         return out - left.to(out.dtype).unsqueeze(-1) * (right.to(out.dtype).unsqueeze(-2) @ X)
 
@@ -339,7 +355,8 @@ def center_vectors(
     real = torch.float64 if dtype == torch.float64 else torch.float32
     if center == "columns":
         ones = torch.ones(B, m, 1, dtype=real, device=device)
-        v = passes.matmul(operand, ones, transpose=True, dtype=dtype)[..., 0] / m
+        # Aᴴ·1 is the conjugate of the column sums for complex A.
+        v = passes.matmul(operand, ones, transpose=True, dtype=dtype)[..., 0].conj() / m
         return torch.ones(B, m, dtype=v.dtype, device=device), v
     ones = torch.ones(B, n, 1, dtype=real, device=device)
     u = passes.matmul(operand, ones, transpose=False, dtype=dtype)[..., 0] / n
@@ -351,7 +368,7 @@ def center_vectors(
 
 def _exact_svd(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     real = torch.float64 if A.dtype == torch.float64 else torch.float32
-    U, S, Vh = torch.linalg.svd(A.to(real), full_matrices=False)
+    U, S, Vh = torch.linalg.svd(A if A.is_complex() else A.to(real), full_matrices=False)
     return U[..., :rank], S[..., :rank], Vh[..., :rank, :]
 
 
@@ -378,8 +395,8 @@ def check_finite(A: torch.Tensor, what: str = "A") -> None:
 def _spectrum_estimate(Y: torch.Tensor) -> torch.Tensor:
     """``[B, l]`` descending singular values of ``Y`` (through its scaled float64 Gram)."""
     c = unit_scale(Y)
-    Ys = (Y * c).double()
-    lam = torch.linalg.eigvalsh(torch.nan_to_num(Ys.mT @ Ys)).flip(-1).clamp_min(0).sqrt()
+    Ys = (Y * c).to(torch.complex128 if Y.is_complex() else torch.float64)
+    lam = torch.linalg.eigvalsh(torch.nan_to_num(Ys.mH @ Ys)).flip(-1).clamp_min(0).sqrt()
     return lam / c.flatten(1).double()
 
 
@@ -422,17 +439,20 @@ def rsvd(
     """
     *batch, m, n = A.shape
     sparse = A.layout != torch.strided
-    real = torch.float64 if A.dtype == torch.float64 else torch.float32
+    real = torch.float64 if A.dtype in (torch.float64, torch.complex128) else torch.float32
+    # float64 and complex input: Householder QR and a direct SVD of the small matrix.
+    householder = A.dtype == torch.float64 or A.is_complex()
+    vectors = A.dtype if A.is_complex() else real  # dtype of U and Vh
     B = math.prod(batch)
     if B == 0:  # empty batch
         return (
-            torch.empty(*batch, m, rank, dtype=real, device=A.device),
+            torch.empty(*batch, m, rank, dtype=vectors, device=A.device),
             torch.empty(*batch, rank, dtype=real, device=A.device),
-            torch.empty(*batch, rank, n, dtype=real, device=A.device),
+            torch.empty(*batch, rank, n, dtype=vectors, device=A.device),
         )
     if shift is not None:
         shift = (shift[0].expand(*batch, m).reshape(B, m), shift[1].expand(*batch, n).reshape(B, n))
-    krylov = method == "krylov"
+    krylov, dash = method == "krylov", method == "dash"
     width = rank + oversample
     basis_cols = width * (n_iter + 1) if krylov else width
     if not sparse and basis_cols >= min(m, n):
@@ -451,9 +471,10 @@ def rsvd(
     if sparse:
         passes = SPARSE_PASSES
     dtype = working_dtype(A.dtype, A.device, sparse)
-    if sparse or krylov or tol is not None:
-        # Every block of a Krylov basis enters the result, and an early stop may come
-        # after any pass: all passes read A in its working precision.
+    if sparse or krylov or dash or tol is not None or A.is_complex():
+        # Every block of a Krylov basis enters the result, dash's shift subtracts two
+        # products that are not re-orthonormalised in between, and an early stop may
+        # come after any pass: all passes read A in its working precision.
         sketch_dtype = dtype
     elif sketch_dtype is None:
         sketch_dtype = default_sketch_dtype(dtype, A.device)
@@ -481,17 +502,19 @@ def rsvd(
         # stays ill-conditioned. The exception is the basis of a 16-bit last range pass
         # (backends with exact 16-bit products): rounding it to 16 bits keeps only the
         # directions a well-conditioned basis carries, so its Gram is float64.
-        if real == torch.float64:
+        if householder:
             return _householder(Y)
         exact_basis = spec is plan[2 * n_iter] and spec.dtype != torch.float32
         return cholqr(Y, gram_dtype=torch.float64 if exact_basis else torch.float32)
 
-    orth_final: Callable[[torch.Tensor], torch.Tensor] = _householder if real == torch.float64 else cholqr2
+    orth_final: Callable[[torch.Tensor], torch.Tensor] = _householder if householder else cholqr2
 
     # Range finder: the sketch, then power passes AᵀQ and A·Z alternately.
     Y = passes.sketch(operands[plan[0].dtype], width, seed, plan[0].dtype)
     if krylov:
         Q = _krylov_basis(Y, n_iter, plan, run, orth_step, orth_final)
+    elif dash:
+        Q = _dash_basis(Y, n_iter, plan, run, orth_final, rank, tol)
     else:
         estimate = None
         for it in range(n_iter):
@@ -513,9 +536,10 @@ def rsvd(
         return _rescaled(A, rank, oversample=oversample, n_iter=n_iter, seed=seed, sketch_dtype=sketch_dtype,
                          passes=passes if not isinstance(passes, ShiftedPasses) else passes.inner,
                          center=center, shift=shift, method=method, tol=tol, batch=batch)
-    if real == torch.float64:
+    if householder:
+        # Bᴴ = Ub·Sb·Vbh, so A ≈ Q·B = (Q·Vbhᴴ)·Sb·Ubᴴ.
         Ub, Sb, Vbh = torch.linalg.svd(Bt, full_matrices=False)
-        U = Q @ Vbh.mT[..., :rank]
+        U = Q @ Vbh.mH[..., :rank]
         S = Sb[..., :rank]
         V = Ub[..., :rank]
     else:
@@ -523,7 +547,7 @@ def rsvd(
     return (
         U.reshape(*batch, m, rank),
         S.reshape(*batch, rank),
-        V.mT.reshape(*batch, rank, n),
+        V.mH.reshape(*batch, rank, n),
     )
 
 
@@ -575,10 +599,52 @@ def _krylov_basis(
         Y = run(plan[2 * it + 2], orth_step(Z, plan[2 * it + 1]))
         K = torch.cat(blocks, dim=-1)
         for _ in range(2):
-            Y = Y - K @ (K.mT @ Y)
+            Y = Y - K @ (K.mH @ Y)
             Y = orth_final(Y)
         blocks.append(Y)
     return torch.cat(blocks, dim=-1)
+
+
+def _dash_basis(
+    Y: torch.Tensor,
+    n_iter: int,
+    plan: list[PassSpec],
+    run: Callable[[PassSpec, torch.Tensor], torch.Tensor],
+    orth_final: Callable[[torch.Tensor], torch.Tensor],
+    rank: int,
+    tol: Optional[float],
+) -> torch.Tensor:
+    """``[B, m, l]`` orthonormal basis by dashSVD's shifted power iteration.
+
+    Feng, Yu, Xie & Tang (2024), "Algorithm 1043: Faster randomized SVD with dynamic
+    shifts" (TOMS), Alg. 3: ``Q ← orth((A·Aᴴ − α·I)·Q)`` with the shift updated from the
+    smallest singular value ``ŝ_l`` of the shifted product, ``α ← (α + ŝ_l)/2`` when
+    ``ŝ_l > α``. ``A·Aᴴ − αI`` has eigenvalues ``σ_i² − α``: the convergence ratio
+    ``(σ_{l+1}² − α)/(σ_k² − α)`` is below subspace iteration's ``σ_{l+1}²/σ_k²``, and
+    ``α`` stays below ``σ_l²/2`` so no tail eigenvalue ``|0 − α|`` overtakes it. Each step is
+    the same two passes over ``A`` as one HMT iteration (one orthonormalisation, not two).
+    The paper orthonormalises with eigSVD; here the same span comes from Cholesky QR2
+    (Householder for float64/complex) and ``ŝ`` from the float64 Gram of the product.
+
+    ``tol``: dashSVD's PVE-style stop on the estimates ``σ_i² ≈ ŝ_i + α``.
+    """
+    Q = orth_final(Y)
+    alpha = torch.zeros(Y.shape[0], dtype=torch.float64, device=Y.device)
+    estimate = None
+    for it in range(n_iter):
+        Z = run(plan[2 * it + 1], Q)  # AᴴQ
+        # c = 2^-e keeps A·Aᴴ·Q (of size σ₁²) in range; exact, undone below.
+        c = unit_scale(Z)
+        X = run(plan[2 * it + 2], Z * c) - (alpha.view(-1, 1, 1) * c.double()).to(Q.real.dtype) * Q
+        s = _spectrum_estimate(X) / c.flatten(1).double()  # [B, l] ≈ |σ_i² − α|, descending
+        Q = orth_final(X)
+        if tol is not None and it < n_iter - 1:
+            previous, estimate = estimate, (s + alpha.unsqueeze(-1)).clamp_min(0).sqrt()
+            if previous is not None and _converged(previous, estimate, rank, tol):
+                break
+        s_l = s[..., -1]
+        alpha = torch.where(s_l > alpha, (alpha + s_l) / 2, alpha)
+    return Q
 
 
 def _rescaled(A: torch.Tensor, rank: int, *, batch: list[int], **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
