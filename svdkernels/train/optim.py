@@ -122,7 +122,12 @@ class LowRankAdamW(torch.optim.Optimizer):
     stays local (the weights are projected on the right, ``side="left"`` is refused),
     the moments are sharded like the weights, the bases replicated, and only the
     refresh communicates (see :mod:`svdkernels.train.distributed`, whose
-    ``sharded_state_dict`` saves the state with ``torch.distributed.checkpoint``).
+    ``sharded_state_dict`` saves the state with ``torch.distributed.checkpoint``). The
+    weights equal a single-process run with ``side="right"`` to fp32 rounding, except
+    with ``moments="keep"`` and the ``svd``/``rsvd`` projectors, where a sharded
+    factorisation may return a basis vector of the other sign (keeping the moments
+    does not undo it; rotating them does). Layerwise steps (:meth:`step_param`) are
+    refused under FSDP2 and with ``process_group``.
 
     Example::
 

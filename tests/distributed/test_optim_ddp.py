@@ -48,7 +48,12 @@ def _ddp_runs(rank, world):
         with Counter() as counter:
             train(model, opt, X, Y, range(STEPS), rank, world)
         out.append((full_weights(model), counter.calls))
-    return out
+    try:  # layerwise steps would need every rank to call them in the same order: refused
+        opt.step_param(model.module.l1.weight)
+        refused = None
+    except ValueError as exc:
+        refused = str(exc)
+    return out, refused
 
 
 def single_run(config):
@@ -62,7 +67,9 @@ def single_run(config):
 
 def test_ddp_divides_the_refresh_and_equals_single_process():
     world = 2
-    runs = run_distributed(_ddp_runs, world, timeout=150)
+    results = run_distributed(_ddp_runs, world, timeout=150)
+    runs = [r[0] for r in results]
+    assert all(r[1] is not None and "step_param" in r[1] for r in results)
     for ci, config in enumerate(CONFIGS):
         want, single_calls = single_run(config)
         for rank in range(world):

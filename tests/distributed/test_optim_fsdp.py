@@ -53,12 +53,24 @@ def _fsdp_runs(rank, world):
         if "basis" in st:
             layout["basis"] = (tuple(st["basis"].placements), tuple(st["basis"].shape))
         out.append((full_weights(model), layout))
+    # A non-finite entry in one rank's shard: every rank raises naming the weight (none hangs).
+    model = sharded_model(world)
+    opt = make_optimizer(model, CONFIGS[0])
+    train(model, opt, X, Y, range(1), rank, world)
+    torch.nn.functional.mse_loss(model(X[1]), Y[1]).backward()
+    if rank == world - 1:
+        model.l2.weight.grad.to_local()[0, 0] = float("nan")
+    try:
+        opt.step()
+        nonfinite = None
+    except ValueError as exc:
+        nonfinite = str(exc)
     try:  # the left side would need an all-reduce every step: refused
         LowRankAdamW(lowrank_param_groups(sharded_model(world), rank=4, side="left"))
         refused = None
     except ValueError as exc:
         refused = str(exc)
-    return out, refused
+    return out, refused, nonfinite
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -86,3 +98,4 @@ def test_fsdp_equals_single_process(world):
     for rank in range(world):
         msg = runs[rank][1]
         assert msg is not None and "side None or 'right'" in msg and "l1.weight" in msg
+        assert runs[rank][2] is not None and "'l2.weight': non-finite gradient" in runs[rank][2]
