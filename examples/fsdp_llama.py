@@ -51,8 +51,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--projector", choices=("rsvd", "svd", "dct", "random"), default="rsvd")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--checkpoint", default=None, help="directory for a torch.distributed.checkpoint at the end")
-    args = p.parse_args(argv)
-    return args
+    return p.parse_args(argv)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -2,7 +2,6 @@
 groups is divided among the ranks and the bases broadcast, so every matrix is
 factorised exactly once; the weights equal the single-process run."""
 import pytest
-import torch
 import torch.distributed as dist
 from optim_dist_cases import CONFIGS, STEPS, TinyMLP, assert_weights_close, data, full_weights, make_optimizer, train
 from torch.nn.parallel import DistributedDataParallel
