@@ -94,6 +94,11 @@ def _worker(rank, world_size):
                     "U": U.full_tensor(), "S": S.full_tensor(), "Vh": Vh.full_tensor(),
                     "placements": (U.placements, S.placements, Vh.placements), "calls": calls,
                     "local_rows": D.to_local().shape[-2], "local_S": S.to_local()}
+    # 16-bit input: each shard upcast to float32 (the result is float32).
+    if rank < 2:
+        U, S, Vh = rsvd_sharded(distribute_tensor(_matrix().bfloat16(), meshes[2], [_placement("rows")]), K,
+                                oversample=OVERSAMPLE, seed=SEED)
+        out["bf16"] = (U.full_tensor(), S.full_tensor(), Vh.full_tensor())
     # seed=None: drawn on the mesh's first rank and broadcast, so every rank agrees.
     U, S, Vh = rsvd_sharded(distribute_tensor(_matrix(), meshes[4], [_placement("rows")]), K)
     out["seedless_S"] = S.to_local()
@@ -184,6 +189,14 @@ def test_one_gram_allreduce_per_orthonormalisation(runs):
             assert len(sums) == 3 and len(calls) == 7, calls
             assert sum(c[2] for c in calls) == allreduce_bytes(2 if batch else 1, n, l, 2)
         assert runs[1]["results"][4, "replicate", batch]["calls"] == []
+
+
+def test_16bit_input_is_factored_in_float32(runs):
+    U, S, Vh = runs[0]["bf16"]
+    A = _matrix().bfloat16().float()
+    Ur, Sr, Vr = reference_rsvd(A, K, oversample=OVERSAMPLE, seed=SEED, sketch_dtype=torch.float32)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    assert (_lowrank(U, S, Vh) - _lowrank(Ur, Sr, Vr)).norm() <= TOL * A.norm()
 
 
 def test_seed_none_agrees_on_every_rank(runs):
