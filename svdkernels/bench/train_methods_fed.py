@@ -117,3 +117,9 @@ def bench_train_methods_fed(quick: bool, repeats: int) -> Iterator[Row | str]:
     m = 512 if quick else 4096
     yield from _bench_aggregation(m, m, 16, 8, repeats)
     yield from _bench_accuracy(quick)
+
+
+def rows(quick: bool) -> list[Row]:
+    """This family's rows as a list, for ``train_methods.EXTRA_ROW_MODULES`` (the rows
+    joined to the ``train_methods`` family instead of run as their own)."""
+    return [r for r in bench_train_methods_fed(quick, 3) if isinstance(r, Row)]
