@@ -187,6 +187,8 @@ def rsvd_sharded(
     """
     if not isinstance(A, DTensor):
         raise TypeError(f"A: expected a DTensor (use svdkernels.rsvd for a plain tensor), got {type(A).__name__}")
+    if A.is_complex():  # checked here too: the sharded passes are real-only whatever validate accepts
+        raise TypeError(f"A: expected dtype float32, float64, float16 or bfloat16 for a sharded A, got {A.dtype}")
     validate(A, rank, oversample, n_iter, sketch_dtype, None, method, tol)
     validate_seed(seed)
     for name, value, default in (("sketch_dtype", sketch_dtype, None), ("center", center, None),

@@ -57,6 +57,7 @@ def _errors(rank, mesh4):
         "batch_shard": lambda: rsvd_sharded(distribute_tensor(_matrix(4), mesh4, [Shard(0)]), K),
         "rank": lambda: rsvd_sharded(distribute_tensor(A, mesh4, [Shard(0)]), N + 1),
         "method": lambda: rsvd_sharded(distribute_tensor(A, mesh4, [Shard(0)]), K, method="krylov"),
+        "complex": lambda: rsvd_sharded(distribute_tensor(A.to(torch.complex64), mesh4, [Shard(0)]), K),
     }
     Anan = A.clone()
     Anan[12, 0] = float("nan")  # on rank 3's shard only
@@ -207,7 +208,8 @@ def test_seed_none_agrees_on_every_rank(runs):
 def test_bad_input_names_it_on_every_rank(runs):
     want = {"mesh2d": ["ValueError", "A", "1-D", "2-D"], "partial": ["ValueError", "A", "Partial(sum)", "Shard(-2)"],
             "batch_shard": ["ValueError", "Shard(dim=0)", "batch"], "rank": ["ValueError", "rank", str(N + 1)],
-            "method": ["ValueError", "method", "krylov"], "nonfinite": ["ValueError", "A", "finite"]}
+            "method": ["ValueError", "method", "krylov"],
+            "complex": ["TypeError", "A", "complex64"], "nonfinite": ["ValueError", "A", "finite"]}
     for r in range(4):
         for case, words in want.items():
             msg = runs[r]["errors"][case]
