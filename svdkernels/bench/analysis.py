@@ -219,6 +219,18 @@ def _bench_spectra(wl: Workload, repeats: int, quick: bool) -> Iterator[Row | st
     flops = sum(2 * max(a, b) * min(a, b) ** 2 + 4 / 3 * min(a, b) ** 3 for a, b in shapes)
     yield roofline_row(wl.name, t, sum(4 * a * b for a, b in shapes), {torch.float64: flops},
                        device_peaks(cpu, quick), "weights read once; float64 at the float32 peak (optimistic)")
+    # The floor of our route: LAPACK's batched eigenvalue call alone on the precomputed
+    # Grams (no Gram, no stacking). ours / this shows how much is left outside LAPACK;
+    # the loop / this bounds the speed-up any Gram-eigenvalue route can reach.
+    grams = {}
+    for w in (m.weight.detach().double() for m in model.modules() if isinstance(m, nn.Linear)):
+        g = w.mT @ w if w.shape[0] >= w.shape[1] else w @ w.mT
+        grams.setdefault(tuple(g.shape), []).append(g)
+    stacked = [torch.stack(gs) for gs in grams.values()]
+    t_eig, _ = time_fn(lambda: [torch.linalg.eigvalsh(G) for G in stacked], repeats=repeats, device=cpu)
+    yield Row(wl.name, "bound: batched eigvalsh of the float64 Grams alone", t_eig * 1e3, kind="bare",
+              note=f"{sum(len(gs) for gs in grams.values())} Grams in {len(stacked)} batched call(s), "
+                   "precomputed; LAPACK syevd time only")
     # --quick (the smoke test runs every family's): the loop once, no other peer.
     reps, warm = (1, 0) if quick else (max(1, min(repeats, 3)), 1)
     t, S = time_fn(lambda: loop_spectra(model), repeats=reps, warmup=warm, device=cpu)

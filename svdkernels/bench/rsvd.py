@@ -20,7 +20,9 @@ Then the drop-in rows (issue 18), each against ``torch.svd_lowrank`` in the same
 - sparse ``A`` (COO; the same tensor for both, power-law row/column scales so the
   spectrum decays): errors against a float64 block-Krylov reference;
 - float64 ``A`` (ours in float64: Householder QR, direct small SVD);
-- the accuracy mode: block Krylov against HMT at equal passes over ``A`` (poly d=0.5).
+- the accuracy modes: block Krylov and dashSVD's shifted power iteration
+  (``method="dash"``) against HMT and torch at equal passes over ``A``, on polynomial
+  decay d = 0.5 and 1 and on the real all-MiniLM-L6-v2 weights (one batch per shape).
 
 The workload definitions and method callables here are reused by ``bench/bench_rsvd.py``.
 """
@@ -428,7 +430,8 @@ def bench_rsvd(quick: bool, repeats: int) -> Iterator[Row | str]:
 
 @dataclass(frozen=True)
 class Variant:
-    """One drop-in workload: ``kind`` is ``"sparse"``, ``"float64"`` or ``"accuracy"``."""
+    """One drop-in workload: ``kind`` is ``"sparse"``, ``"float64"``, ``"accuracy"`` (poly
+    decay ``decay``) or ``"minilm"`` (accuracy on the real weights; ``shape`` unused)."""
 
     kind: str
     name: str
@@ -436,6 +439,7 @@ class Variant:
     rank: int
     density: float = 0.0
     n_iter: int = N_ITER
+    decay: float = 0.5
 
 
 def variant_workloads(quick: bool) -> list[Variant]:
@@ -444,7 +448,7 @@ def variant_workloads(quick: bool) -> list[Variant]:
         return [
             Variant("sparse", "sparse COO 4000x2000 density 2e-3 k=8", (4000, 2000), 8, 2e-3),
             Variant("float64", "float64 [2,192,192] k=8", (2, 192, 192), 8),
-            Variant("accuracy", "accuracy [2,192,192] k=8 d=0.5, 4 passes", (2, 192, 192), 8, n_iter=1),
+            Variant("accuracy", "accuracy [2,192,192] k=8 d=0.5, 6 passes", (2, 192, 192), 8, n_iter=2),
         ]
     return [
         Variant("sparse", "sparse COO 100000x50000 density 1e-3 k=16", (100_000, 50_000), 16, 1e-3),
@@ -453,6 +457,11 @@ def variant_workloads(quick: bool) -> list[Variant]:
         Variant("float64", "float64 [4,1024,1024] k=32", (4, 1024, 1024), 32),
         Variant("accuracy", "accuracy [8,1024,1024] k=32 d=0.5, 4 passes", (8, 1024, 1024), 32, n_iter=1),
         Variant("accuracy", "accuracy [8,1024,1024] k=32 d=0.5, 6 passes", (8, 1024, 1024), 32, n_iter=2),
+        Variant("accuracy", "accuracy [8,1024,1024] k=32 d=0.5, 8 passes", (8, 1024, 1024), 32, n_iter=3),
+        Variant("accuracy", "accuracy [8,1024,1024] k=32 d=1, 6 passes", (8, 1024, 1024), 32, n_iter=2, decay=1.0),
+        Variant("accuracy", "accuracy [8,1024,1024] k=32 d=1, 8 passes", (8, 1024, 1024), 32, n_iter=3, decay=1.0),
+        Variant("minilm", "accuracy MiniLM 37 weights k=32, 6 passes", (), 32, n_iter=2),
+        Variant("minilm", "accuracy MiniLM 37 weights k=32, 8 passes", (), 32, n_iter=3),
     ]
 
 
@@ -519,7 +528,10 @@ def _variant_rows(v: Variant, repeats: int, device: torch.device) -> Iterator[Ro
         yield Row(v.name, "torch.svd_lowrank", t * 1e3, errors=sparse_errors(A, f, ref),
                   note=f"same COO tensor, q=k+{OVERSAMPLE}, niter={N_ITER}")
         return
-    decay = 0.5 if v.kind == "accuracy" else 1.0
+    if v.kind == "minilm":
+        yield from _minilm_accuracy_rows(v, repeats, device)
+        return
+    decay = v.decay if v.kind == "accuracy" else 1.0
     M = spectral_matrix("poly", v.shape[1], v.shape[2], batch=(v.shape[0],), decay=decay, seed=7)
     dtype = torch.float64 if v.kind == "float64" else torch.float32
     A = M.A.to(device=device, dtype=dtype)
@@ -534,9 +546,37 @@ def _variant_rows(v: Variant, repeats: int, device: torch.device) -> Iterator[Ro
     t, f = time_fn(lambda: svdkernels.rsvd(A, k, n_iter=v.n_iter, method="krylov", seed=0), repeats=repeats)
     yield Row(v.name, "ours, method='krylov'", t * 1e3, kind="ours", errors=_dense_errors(M.A, M.S, f),
               note=f"block Krylov, n_iter={v.n_iter}: {passes} passes, basis {(v.n_iter + 1) * (k + OVERSAMPLE)} columns")
+    t, f = time_fn(lambda: svdkernels.rsvd(A, k, n_iter=v.n_iter, method="dash", seed=0), repeats=repeats)
+    yield Row(v.name, "ours, method='dash'", t * 1e3, errors=_dense_errors(M.A, M.S, f),
+              note=f"dashSVD shifted power iteration, n_iter={v.n_iter}: {passes} passes, basis {k + OVERSAMPLE} columns")
     t, f = time_fn(lambda: svdkernels.rsvd(A, k, n_iter=v.n_iter, seed=0), repeats=repeats)
     yield Row(v.name, "ours, method='hmt'", t * 1e3, errors=_dense_errors(M.A, M.S, f),
               note=f"subspace iteration, n_iter={v.n_iter}: {passes} passes")
     t, f = time_fn(lambda: _svd_lowrank_factors(A, k, v.n_iter), repeats=repeats)
     yield Row(v.name, "torch.svd_lowrank", t * 1e3, errors=_dense_errors(M.A, M.S, f),
               note=f"q=k+{OVERSAMPLE}, niter={v.n_iter}: {passes} passes")
+
+
+def _minilm_accuracy_rows(v: Variant, repeats: int, device: torch.device) -> Iterator[Row]:
+    """The accuracy modes on the 37 real all-MiniLM-L6-v2 weights, one batched call per shape:
+    err/opt is the mean over the 37 weights (its max in the note), the time the sum of the calls."""
+    from svdkernels.testing.models import minilm_linear_weights
+
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for w in minilm_linear_weights().values():
+        groups.setdefault(tuple(w.shape), []).append(w)
+    mats = [torch.stack(ws).to(device) for ws in groups.values()]
+    exact = [torch.linalg.svdvals(W.double()).cpu() for W in mats]
+    k, passes = v.rank, 2 * v.n_iter + 2
+    methods: list[tuple[str, Callable[[torch.Tensor], Factors]]] = [
+        ("ours, method='krylov'", lambda W: svdkernels.rsvd(W, k, n_iter=v.n_iter, method="krylov", seed=0)),
+        ("ours, method='dash'", lambda W: svdkernels.rsvd(W, k, n_iter=v.n_iter, method="dash", seed=0)),
+        ("ours, method='hmt'", lambda W: svdkernels.rsvd(W, k, n_iter=v.n_iter, seed=0)),
+        ("torch.svd_lowrank", lambda W: _svd_lowrank_factors(W, k, v.n_iter)),
+    ]
+    for i, (name, fn) in enumerate(methods):
+        t, fs = time_fn(lambda fn=fn: [fn(W) for W in mats], repeats=repeats)
+        ratios = torch.cat([relative_errors(W.cpu(), *(x.cpu() for x in f), S)["ratio"] for W, f, S in zip(mats, fs, exact)])
+        yield Row(v.name, name, t * 1e3, kind="ours" if i == 0 else "peer",
+                  errors={"err/opt": float(ratios.mean())},
+                  note=f"{passes} passes; err/opt mean over {ratios.numel()} weights, max {float(ratios.max()):.5f}")

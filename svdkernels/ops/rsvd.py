@@ -299,10 +299,12 @@ def _energy(A: torch.Tensor, center: Optional[str]) -> torch.Tensor:
     m, n = A.shape[-2:]
     if A.layout == torch.strided:
         A3 = A.reshape(-1, m, n)
-        norm2 = torch.linalg.vector_norm(A3, dim=(-2, -1)).double() ** 2
+        # Reduced in float64 (16-bit input would overflow a 16-bit norm).
+        wide = torch.complex128 if A3.is_complex() else torch.float64
+        norm2 = torch.linalg.vector_norm(A3, dim=(-2, -1), dtype=wide) ** 2
         if center is not None:
-            mean = A3.mean(-2) if center == "columns" else A3.mean(-1)
-            norm2 = norm2 - (m if center == "columns" else n) * torch.linalg.vector_norm(mean, dim=-1).double() ** 2
+            mean = A3.mean(-2, dtype=wide) if center == "columns" else A3.mean(-1, dtype=wide)
+            norm2 = norm2 - (m if center == "columns" else n) * torch.linalg.vector_norm(mean, dim=-1) ** 2
         return norm2.clamp_min(0)
     mats = reference.sparse_matrices(A)
     norm2 = torch.stack([M.values().double().pow(2).sum() for M in mats])

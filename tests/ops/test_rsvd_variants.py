@@ -234,6 +234,18 @@ def test_pve_batch_dims_and_growth_reaches_beyond_block():
     assert int(want.max()) > 64  # grown 4 -> 8 -> ... -> 128
 
 
+def test_pve_complex_and_half_precision():
+    A = _complex_case(batch=(2,), m=100, n=80, decay=1.0, seed=4)
+    S_true = torch.linalg.svdvals(A)
+    want = _exact_rank(S_true, 0.85)
+    assert torch.equal(rsvd_pve(A, 0.85, block=4, n_iter=3, seed=0).rank, want)
+    # float16 entries (max 4.2e3) whose Frobenius norm (7.7e4) is past float16's range:
+    # the energy is reduced in float64
+    H = torch.stack([spectral_matrix("poly", 200, 150, decay=1.0, seed=0).A]) * 60000
+    got = rsvd_pve(H.half(), 0.8, block=4, n_iter=3, seed=0).rank
+    assert torch.equal(got, _exact_rank(torch.linalg.svdvals(H.half().double()), 0.8)), got
+
+
 @pytest.mark.parametrize(
     "call,exc,words",
     [
