@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from svdkernels.calibration import collect_input_stats
+from svdkernels.adapters.kind import KindLinear, kind_adapt
 from svdkernels.adapters.kron import KronLinear
 from svdkernels.adapters.methods import METHODS, Init, check_method_options, layer_regularizer, method_options
 from svdkernels.adapters.modules import Targets, set_module
@@ -26,6 +27,8 @@ from svdkernels.errors import check_finite_number
 from svdkernels.ops.rsvd import rsvd
 
 ALL_METHODS = (*METHODS, "soka")
+CLASS_GATED = ("kind",)
+"""Methods whose layers take ``forward(x, class_ids)`` (not in ALL_METHODS: a plain ``model(x)`` cannot run them)."""
 
 
 def residual_weight(W0: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -129,9 +132,15 @@ _KRON_OPTIONS = ("a_shape", "b_shape", "init", "energy", "elbow", "a_rank", "b_r
 """``adapt(..., "soka", **kwargs)``: the :class:`KronLinear` arguments it passes on."""
 
 
+_KIND_OPTIONS = ("tailor_rank", "classes")
+"""``adapt(..., "kind", **kwargs)``: the :func:`~svdkernels.adapters.kind.kind_adapt` arguments it passes on."""
+
+
 def _options(method: str) -> dict[str, Any]:
     if method == "soka":
         return dict.fromkeys(_KRON_OPTIONS)
+    if method == "kind":
+        return dict.fromkeys(_KIND_OPTIONS)
     return method_options(method)
 
 
@@ -267,14 +276,14 @@ def adapt(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(method, str) or method not in ALL_METHODS:
-        raise ValueError(f"method: expected one of {ALL_METHODS}, got {method!r}")
+    if not isinstance(method, str) or method not in (*ALL_METHODS, *CLASS_GATED):
+        raise ValueError(f"method: expected one of {(*ALL_METHODS, *CLASS_GATED)}, got {method!r}")
     options = _options(method)
     _check_unknown_kwargs(method, method_kwargs, options)
     _check_seed(seed)
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank: expected an int, got {type(rank).__name__}")
-    if method != "soka":
+    if method not in ("soka", "kind"):
         check_method_options(method, method_kwargs, options)
     from svdkernels.adapters import sharded  # on use: it imports this module (and torch.distributed)
 
@@ -294,6 +303,12 @@ def adapt(
         for name, layer in built.items():
             model = _replace(model, name, layer)
         return freeze_non_adapter(model, keep)
+    if method == "kind":
+        return freeze_non_adapter(kind_adapt(model, rank=rank, targets=targets, seed=seed, **method_kwargs), keep)
+    if method == "soma":
+        from svdkernels.adapters.soma import soma_targets
+
+        layers = {n: layers[n] for n in soma_targets(model, method_kwargs.pop("freeze_blocks", 0), targets)}
     spec = METHODS[method]
     if method != "clip_svd":
         for name, layer in layers.items():
@@ -361,7 +376,7 @@ def adapter_layers(model: nn.Module) -> dict[str, SVDLinear]:
 
 def mark_only_adapter_trainable(model: nn.Module) -> nn.Module:
     """Freeze every parameter of ``model`` except those the adapters declare trainable."""
-    declared = {id(p) for m in model.modules() if isinstance(m, (SVDLinear, KronLinear))
+    declared = {id(p) for m in model.modules() if isinstance(m, (SVDLinear, KronLinear, KindLinear))
                 for p in m.parameters(recurse=False) if p.requires_grad}
     for p in model.parameters():
         p.requires_grad_(id(p) in declared)

@@ -107,6 +107,13 @@ def _init_milora(W: Tensor, rank: int, *, alpha: float, **_: Any) -> list[Init]:
     return _pissa_like(U[..., -rank:], S[..., -rank:], Vh[..., -rank:, :], alpha / rank)
 
 
+def _init_soma(W: Tensor, rank: int, *, alpha: float, **_: Any) -> list[Init]:
+    """SoMA (Yun et al. 2025): MiLoRA's minor ``r`` components in ``B·A``, residual frozen.
+    Its frozen blocks (``freeze_blocks``) and annealed weight decay are in
+    ``svdkernels/adapters/soma.py``."""
+    return _init_milora(W, rank, alpha=alpha)
+
+
 def _init_svfit(W: Tensor, rank: int, *, seed: int, oversample: int = 10, n_iter: int = 2, **_: Any) -> list[Init]:
     """SVFit (Sun et al. 2024): only the top-``r`` singular values train; ``U``, ``V`` frozen.
 
@@ -289,6 +296,7 @@ METHODS: dict[str, Method] = {
         Method("lora", _init_lora, True, peft_lora=True),
         Method("pissa", _init_pissa, True, peft_lora=True),
         Method("milora", _init_milora, True, peft_lora=True),
+        Method("soma", _init_soma, True, peft_lora=True),
         Method("svfit", _init_svfit, True),
         Method("clip_svd", _init_clip_svd, True),
         Method("sorsa", _init_sorsa, True),
@@ -324,6 +332,8 @@ def method_options(method: str) -> dict[str, Any]:
             if p.kind is p.KEYWORD_ONLY and n not in _ADAPT_SUPPLIED}
     if method == "eva":
         opts["rho"] = 2.0
+    if method == "soma":
+        opts["freeze_blocks"] = 0
     return opts
 
 

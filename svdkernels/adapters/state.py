@@ -70,7 +70,7 @@ _CONFIG_KEYS = {"sorsa": {"gamma"}, "effort": {"weight_orth"}, "salt": {"reg_wei
 """Per method, the keys of its ``config`` (the regulariser weights); others have none."""
 
 _WITH_E = frozenset({"svfit", "clip_svd", "sorsa", "effort", "kasa", "adalora"})
-_RESIDUAL = frozenset({"pissa", "milora", "svfit", "sorsa", "salt", "kasa", "corda", "nlora", "effort"})
+_RESIDUAL = frozenset({"pissa", "milora", "soma", "svfit", "sorsa", "salt", "kasa", "corda", "nlora", "effort"})
 
 
 def expected_tensors(method: str) -> set[str]:

@@ -32,6 +32,7 @@ SVD_METHODS = tuple(METHODS)
 # Declared trainable names per method (what the papers train).
 TRAINABLE = {
     "lora": {"lora_A", "lora_B"}, "pissa": {"lora_A", "lora_B"}, "milora": {"lora_A", "lora_B"},
+    "soma": {"lora_A", "lora_B"},
     "corda": {"lora_A", "lora_B"}, "eva": {"lora_A", "lora_B"}, "svfit": {"lora_E"}, "clip_svd": {"lora_E"},
     "sorsa": {"lora_A", "lora_E", "lora_B"}, "effort": {"lora_A", "lora_E", "lora_B"},
     "kasa": {"lora_A", "lora_E", "lora_B"}, "adalora": {"lora_A", "lora_E", "lora_B"},

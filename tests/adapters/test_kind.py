@@ -148,3 +148,17 @@ def test_errors():
     assert_raises_naming(lambda: m[0](x, torch.tensor([0, 1, 2])), ValueError, ["class_ids", "[0, 2)", "2]"])
     assert_raises_naming(lambda: m[0](x, torch.tensor([0.0, 1.0, 1.0])), ValueError, ["class_ids", "float32"])
     assert_raises_naming(lambda: extract_learngenes(_net()), ValueError, ["model", "kind_adapt"])
+
+
+def test_adapt_kind_is_kind_adapt():
+    """``svdkernels.adapt(model, "kind", ...)`` builds the same layers as kind_adapt and
+    trains only their components."""
+    from svdkernels import adapt
+
+    via_adapt, direct = adapt(_net(), "kind", rank=3, tailor_rank=4, classes=2), _kind()
+    assert isinstance(via_adapt[0], KindLinear) and isinstance(via_adapt[2], KindLinear)
+    for (n, p), (n2, q) in zip(via_adapt.named_parameters(), direct.named_parameters()):
+        assert n == n2 and p.requires_grad == q.requires_grad, n
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="tailor_rnk"):
+        adapt(_net(), "kind", rank=3, tailor_rnk=4, classes=2)

@@ -132,3 +132,16 @@ def test_schedule_errors():
     del plain.param_groups[0]["weight_decay"]
     assert_raises_naming(lambda: AnnealedWeightDecay(plain, start=0.1, total_steps=3), ValueError,
                          ["optimizer", "weight_decay"])
+
+
+def test_adapt_soma_is_adapt_soma():
+    """``svdkernels.adapt(model, "soma", freeze_blocks=k)`` equals adapt_soma: same layers
+    adapted (the first k blocks left alone), same factors, same trainable set."""
+    from svdkernels import adapt
+
+    via_adapt, direct = adapt(_net(), "soma", rank=3, freeze_blocks=2), adapt_soma(_net(), rank=3, freeze_blocks=2)
+    assert sorted(adapter_layers(via_adapt)) == sorted(adapter_layers(direct)) == sorted(soma_targets(_net(), 2))
+    assert all(layer.method == "soma" for layer in adapter_layers(via_adapt).values())
+    for (n, p), (n2, q) in zip(via_adapt.named_parameters(), direct.named_parameters()):
+        assert n == n2 and p.requires_grad == q.requires_grad, n
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
