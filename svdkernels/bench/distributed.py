@@ -237,9 +237,13 @@ def model_rows(quick: bool, repeats: int) -> Iterator[Row | str]:
                       note=f"alpha {alpha * 1e6:.0f} us, beta {beta * 1e9:.2f} ns/B (loopback, 4 procs)")
 
 
-@register("distributed", count=lambda quick: 4, legend=LEGEND)
+@register("distributed", count=lambda quick: 5, legend=LEGEND)
 def bench_distributed(quick: bool, repeats: int) -> Iterator[Row | str]:
-    """The family: rsvd rows, the threads comparison, the communication model."""
+    """The family: rsvd rows, the threads comparison, the communication model, and one
+    LowRankAdamW step with refresh of the small Llama (``distributed_optim.py``)."""
+    from svdkernels.bench.distributed_optim import optim_rows
+
     yield from rsvd_rows(quick, repeats)
     yield from threads_rows(quick, repeats)
     yield from model_rows(quick, repeats)
+    yield from optim_rows(quick, repeats)

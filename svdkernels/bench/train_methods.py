@@ -47,7 +47,7 @@ from torch import nn
 
 from svdkernels.bench import Row, bench_device, register
 
-EXTRA_ROW_MODULES: tuple[str, ...] = ()
+EXTRA_ROW_MODULES: tuple[str, ...] = ("svdkernels.bench.train_methods_fed",)
 """Modules (dotted names) with a function ``rows(quick: bool) -> list[Row]`` whose rows are
 appended to this family (e.g. ``"svdkernels.bench.train_methods_fed"``)."""
 
@@ -479,12 +479,14 @@ LEGEND = (
     "tasks' accuracy by the end (targets: OSF forgetting <= 1/3 of full FT's, new acc within 0.05; overhead = OSF "
     "step over the unprojected step - 1, target <= 0.15 on the LM step). LOST: held-out loss after the same steps "
     "(target: LOST <= low rank alone at the same projection parameters). QVGen: held-out cosine of the sentence "
-    "embeddings to the float model (target: the Φ-free W4A4 model above round-to-nearest W4A4)."
+    "embeddings to the float model (target: the Φ-free W4A4 model above round-to-nearest W4A4). FedSVD: "
+    "aggregation against the dense SVD of B·A (target >= 20x, equal to fp tolerance) and held-out accuracy "
+    "after the same rounds against LoRA averaging and FFA-LoRA."
 )
 
 
 def _count(quick: bool) -> int:
-    return 1 + 1 + 3 + 1
+    return 1 + 1 + 3 + 1 + len(EXTRA_ROW_MODULES)
 
 
 @register("train_methods", count=_count, legend=LEGEND)

@@ -21,14 +21,9 @@ import torch
 from torch import nn
 
 from svdkernels.adapters import adapt
-from svdkernels.bench.registry import register
 from svdkernels.bench.rows import Row
 from svdkernels.bench.timing import time_fn
 from svdkernels.train.fedsvd import FedSVD, dirichlet_split, fedsvd_aggregate, fedsvd_aggregate_dense
-
-LEGEND = ("err: max|B·A − B_ref·A_ref| / max|B_ref·A_ref| against the dense SVD; orth: max|A·Aᵀ − I|; "
-          "acc: held-out top-1 accuracy after the same rounds (base: the un-adapted model)")
-
 
 @dataclass
 class FedTask:
@@ -107,11 +102,6 @@ def _bench_accuracy(quick: bool) -> Iterator[Row | str]:
                       note=f"base {base:.3f}")
 
 
-def _count(quick: bool) -> int:
-    return 3
-
-
-@register("train_methods_fed", count=_count, legend=LEGEND)
 def bench_train_methods_fed(quick: bool, repeats: int) -> Iterator[Row | str]:
     """FedSVD's thin aggregation against the dense SVD; federated accuracy comparison."""
     m = 512 if quick else 4096
@@ -120,6 +110,6 @@ def bench_train_methods_fed(quick: bool, repeats: int) -> Iterator[Row | str]:
 
 
 def rows(quick: bool) -> list[Row]:
-    """This family's rows as a list, for ``train_methods.EXTRA_ROW_MODULES`` (the rows
-    joined to the ``train_methods`` family instead of run as their own)."""
+    """These rows as a list, for ``train_methods.EXTRA_ROW_MODULES``: they run in the
+    ``train_methods`` family (``--only train_methods``), not as a family of their own."""
     return [r for r in bench_train_methods_fed(quick, 3) if isinstance(r, Row)]
