@@ -28,15 +28,8 @@ namespace cpu {
 namespace attn {
 namespace avx512_impl {
 
-using V = __m512;
-constexpr int kW = 16;
-inline V vzero() { return _mm512_setzero_ps(); }
-inline V vload(const float* p) { return _mm512_loadu_ps(p); }
-inline V vset1(float x) { return _mm512_set1_ps(x); }
-inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
-inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
-
+#include "simd_avx512.h"
+#include "simd_gemm.h"
 #include "lowrank_attention_kernel.h"
 
 }  // namespace avx512_impl

@@ -9,7 +9,8 @@
 //   V vfma(V a, V b, V c);               // a·b + c
 //   float vsum(V);                        // horizontal sum
 //
-// and then includes this file. Only plain C++ here (no ATen, no std templates):
+// (simd_avx2.h, simd_avx512.h, simd_generic.h), then simd_gemm.h (the register-tiled
+// products), and then includes this file. Only plain C++ here (no ATen, no std templates):
 // functions defined under a target option must not leak into other translation
 // units through the linker.
 //
@@ -23,8 +24,6 @@
 //  4. o[m] = α·o[m] + Σ_t p[m, t]·C_v[t] (register-tiled GEMM).
 // Keys at t >= L (past the valid prefix) are never read; causal rows (Sq > 1)
 // mask keys t > L - Sq + i in the scores.
-
-#define SVDK_ATTN_UNROLL _Pragma("GCC unroll 8")
 
 // ---------------------------------------------------------------------------
 // Scalar helpers, branch-free so that the loops around them vectorise.
@@ -82,94 +81,6 @@ inline void sincos_pos(float x, float* s_out, float* c_out) {
 
 inline void widen_bf16(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = bits_to_float(static_cast<uint32_t>(src[i]) << 16);
-}
-
-// ---------------------------------------------------------------------------
-// Register-tiled products.
-
-// C[MR rows, NV vectors] (+)= A[MR, K] · Bm[K, NV·kW]; A row stride lda, Bm row stride ldb.
-template <int MR, int NV, bool ACC>
-inline void gemm_tile(const float* A, int64_t lda, const float* Bm, int64_t ldb, float* C, int64_t ldc, int64_t K) {
-  V acc[MR][NV];
-  SVDK_ATTN_UNROLL for (int i = 0; i < MR; ++i) {
-    SVDK_ATTN_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = ACC ? vload(C + i * ldc + v * kW) : vzero();
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    V b[NV];
-    SVDK_ATTN_UNROLL for (int v = 0; v < NV; ++v) b[v] = vload(Bm + k * ldb + v * kW);
-    SVDK_ATTN_UNROLL for (int i = 0; i < MR; ++i) {
-      const V a = vset1(A[i * lda + k]);
-      SVDK_ATTN_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = vfma(a, b[v], acc[i][v]);
-    }
-  }
-  SVDK_ATTN_UNROLL for (int i = 0; i < MR; ++i) {
-    SVDK_ATTN_UNROLL for (int v = 0; v < NV; ++v) vstore(C + i * ldc + v * kW, acc[i][v]);
-  }
-}
-
-template <int MR, bool ACC>
-inline void gemm_rows(const float* A, int64_t lda, const float* Bm, int64_t ldb, float* C, int64_t ldc, int64_t K,
-                      int64_t N) {
-  int64_t c = 0;
-  for (; c + 3 * kW <= N; c += 3 * kW) gemm_tile<MR, 3, ACC>(A, lda, Bm + c, ldb, C + c, ldc, K);
-  for (; c + kW <= N; c += kW) gemm_tile<MR, 1, ACC>(A, lda, Bm + c, ldb, C + c, ldc, K);
-  for (; c < N; ++c) {  // columns past the last full vector
-    for (int i = 0; i < MR; ++i) {
-      float s = ACC ? C[i * ldc + c] : 0.0f;
-      for (int64_t k = 0; k < K; ++k) s += A[i * lda + k] * Bm[k * ldb + c];
-      C[i * ldc + c] = s;
-    }
-  }
-}
-
-// C [M, N] (+)= A [M, K] · Bm [K, N].
-template <bool ACC>
-inline void gemm(const float* A, int64_t lda, const float* Bm, int64_t ldb, float* C, int64_t ldc, int64_t M,
-                 int64_t K, int64_t N) {
-  int64_t i = 0;
-  for (; i + 4 <= M; i += 4) gemm_rows<4, ACC>(A + i * lda, lda, Bm, ldb, C + i * ldc, ldc, K, N);
-  for (; i < M; ++i) gemm_rows<1, ACC>(A + i * lda, lda, Bm, ldb, C + i * ldc, ldc, K, N);
-}
-
-// S[MR, NR] = A[MR, K] · Bm[NR, K]ᵀ (dot products along K).
-template <int MR, int NR>
-inline void dot_tile(const float* A, int64_t lda, const float* Bm, int64_t ldb, float* S, int64_t lds, int64_t K) {
-  V acc[MR][NR];
-  SVDK_ATTN_UNROLL for (int i = 0; i < MR; ++i) {
-    SVDK_ATTN_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = vzero();
-  }
-  int64_t k = 0;
-  for (; k + kW <= K; k += kW) {
-    V b[NR];
-    SVDK_ATTN_UNROLL for (int j = 0; j < NR; ++j) b[j] = vload(Bm + j * ldb + k);
-    SVDK_ATTN_UNROLL for (int i = 0; i < MR; ++i) {
-      const V a = vload(A + i * lda + k);
-      SVDK_ATTN_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = vfma(a, b[j], acc[i][j]);
-    }
-  }
-  SVDK_ATTN_UNROLL for (int i = 0; i < MR; ++i) {
-    SVDK_ATTN_UNROLL for (int j = 0; j < NR; ++j) {
-      float s = vsum(acc[i][j]);
-      for (int64_t kk = k; kk < K; ++kk) s += A[i * lda + kk] * Bm[j * ldb + kk];
-      S[i * lds + j] = s;
-    }
-  }
-}
-
-template <int MR>
-inline void dot_rows(const float* A, int64_t lda, const float* Bm, int64_t ldb, float* S, int64_t lds, int64_t N,
-                     int64_t K) {
-  int64_t j = 0;
-  for (; j + 3 <= N; j += 3) dot_tile<MR, 3>(A, lda, Bm + j * ldb, ldb, S + j, lds, K);
-  for (; j < N; ++j) dot_tile<MR, 1>(A, lda, Bm + j * ldb, ldb, S + j, lds, K);
-}
-
-// S [M, N] = A [M, K] · Bm [N, K]ᵀ.
-inline void dots(const float* A, int64_t lda, const float* Bm, int64_t ldb, float* S, int64_t lds, int64_t M,
-                 int64_t N, int64_t K) {
-  int64_t i = 0;
-  for (; i + 4 <= M; i += 4) dot_rows<4>(A + i * lda, lda, Bm, ldb, S + i * lds, lds, N, K);
-  for (; i < M; ++i) dot_rows<1>(A + i * lda, lda, Bm, ldb, S + i * lds, lds, N, K);
 }
 
 // ---------------------------------------------------------------------------
@@ -240,13 +151,13 @@ inline void attend_item(const Params& p, const Item& it, float* o, float* mx, fl
     }
     // 2. scores
     if (absorbed) {
-      dots(q, rk, Ck, rk, S, kTile, M, n, rk);
+      dots<false>(q, rk, Ck, rk, S, kTile, M, n, rk);
     } else {
-      gemm<false>(Ck, rk, wk, N, Kt, N, n, rk, N);
+      gemm<false, false>(Ck, rk, wk, N, Kt, N, n, rk, N);
       if (p.inv_freq != nullptr) rope_tile(p, Kt, n, t0, cs);
       for (int64_t j = 0; j < p.Hkv; ++j) {
         const int64_t m0 = j * p.rows_per_kv;
-        dots(q + m0 * p.d, p.d, Kt + j * p.d, N, S + m0 * kTile, kTile, p.rows_per_kv, n, p.d);
+        dots<false>(q + m0 * p.d, p.d, Kt + j * p.d, N, S + m0 * kTile, kTile, p.rows_per_kv, n, p.d);
       }
     }
     // 3. online softmax
@@ -284,7 +195,7 @@ inline void attend_item(const Params& p, const Item& it, float* o, float* mx, fl
         for (int64_t v = 0; v < rv; ++v) om[v] *= a;
       }
     }
-    gemm<true>(S, kTile, Cv, rv, o, rv, M, n, rv);
+    gemm<true, false>(S, kTile, Cv, rv, o, rv, M, n, rv);
   }
 }
 
@@ -292,5 +203,3 @@ inline int64_t item_scratch_floats(const Params& p) {
   const bool absorbed = p.wk == nullptr;
   return kTile * (p.rk + p.rv) + p.M * kTile + p.M + (absorbed ? 0 : kTile * p.Hkv * p.d + 2 * p.half_rot) + 64;
 }
-
-#undef SVDK_ATTN_UNROLL
