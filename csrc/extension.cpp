@@ -9,6 +9,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/kron_linear.h"
 #include "cpu/lowrank_attention.h"
 #include "cpu/lowrank_quant.h"
 
@@ -28,6 +29,12 @@ TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
       "_cpp_lowrank_attention_decode(Tensor q, Tensor k_latent, Tensor v_latent, Tensor? k_basis, "
       "Tensor? inv_freq, Tensor? cache_seqlens, int Sq, bool causal, int rope_layout, int isa=-1) "
       "-> (Tensor, Tensor)");
+  // kron_linear (float32): y [N, a1*b1] = scale·x·(Σ_i A_i ⊗ B_i)ᵀ, and its backward in one
+  // pass, (∂x, ∂A, ∂B) (empty where not asked for); see csrc/cpu/kron_linear.cpp.
+  m.def("_cpp_kron_linear(Tensor x, Tensor A, Tensor B, float scale, int isa=-1) -> Tensor");
+  m.def(
+      "_cpp_kron_linear_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, float scale, bool needs_x, "
+      "bool needs_A, bool needs_B, int isa=-1) -> (Tensor, Tensor, Tensor)");
 }
 
 // A module with no Python functions: importing it is what loads the library.

@@ -7,7 +7,8 @@
 //
 //   gemm<ACC, TA>: C [M, N] (+)= op(A) [M, K] · Bm [K, N], op(A)[i, k] = A[i·lda + k],
 //                  or A[k·lda + i] with TA (A stored transposed); vectors along N.
-//   dots<ACC>:     S [M, N] (+)= A [M, K] · Bm [N, K]ᵀ; vectors along K.
+//   dots<ACC>:     S [M, N] (+)= A [M, K] · Bm [N, K]ᵀ; vectors along K;
+//   dots_seg<ACC>: the same summed over segments (A + g·sa, Bm + g·sb), g < nseg.
 
 #define SVDK_SIMD_UNROLL _Pragma("GCC unroll 8")
 
@@ -65,45 +66,61 @@ inline void gemm(const float* A, int64_t lda, const float* Bm, int64_t ldb, floa
   for (; i < M; ++i) gemm_rows<1, ACC, TA>(a_rows<TA>(A, lda, i), lda, Bm, ldb, C + i * ldc, ldc, K, N);
 }
 
-// S[MR, NR] (+)= A[MR, K] · Bm[NR, K]ᵀ.
+// S[MR, NR] (+)= Σ_g A_g[MR, K] · B_g[NR, K]ᵀ over nseg segments g (A_g = A + g·sa,
+// B_g = Bm + g·sb): one horizontal sum per output, however many segments.
 template <int MR, int NR, bool ACC>
-inline void dot_tile(const float* A, int64_t lda, const float* Bm, int64_t ldb, float* S, int64_t lds, int64_t K) {
+inline void dot_tile(const float* A, int64_t lda, int64_t sa, const float* Bm, int64_t ldb, int64_t sb, int64_t nseg,
+                     float* S, int64_t lds, int64_t K) {
   V acc[MR][NR];
   SVDK_SIMD_UNROLL for (int i = 0; i < MR; ++i) {
     SVDK_SIMD_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = vzero();
   }
-  int64_t k = 0;
-  for (; k + kW <= K; k += kW) {
-    V b[NR];
-    SVDK_SIMD_UNROLL for (int j = 0; j < NR; ++j) b[j] = vload(Bm + j * ldb + k);
-    SVDK_SIMD_UNROLL for (int i = 0; i < MR; ++i) {
-      const V a = vload(A + i * lda + k);
-      SVDK_SIMD_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = vfma(a, b[j], acc[i][j]);
+  const int64_t Kv = K / kW * kW;
+  for (int64_t g = 0; g < nseg; ++g) {
+    const float* Ag = A + g * sa;
+    const float* Bg = Bm + g * sb;
+    for (int64_t k = 0; k < Kv; k += kW) {
+      V b[NR];
+      SVDK_SIMD_UNROLL for (int j = 0; j < NR; ++j) b[j] = vload(Bg + j * ldb + k);
+      SVDK_SIMD_UNROLL for (int i = 0; i < MR; ++i) {
+        const V a = vload(Ag + i * lda + k);
+        SVDK_SIMD_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = vfma(a, b[j], acc[i][j]);
+      }
     }
   }
   SVDK_SIMD_UNROLL for (int i = 0; i < MR; ++i) {
     SVDK_SIMD_UNROLL for (int j = 0; j < NR; ++j) {
       float s = vsum(acc[i][j]);
-      for (int64_t kk = k; kk < K; ++kk) s += A[i * lda + kk] * Bm[j * ldb + kk];
+      for (int64_t g = 0; g < nseg; ++g) {
+        for (int64_t kk = Kv; kk < K; ++kk) s += A[g * sa + i * lda + kk] * Bm[g * sb + j * ldb + kk];
+      }
       S[i * lds + j] = ACC ? S[i * lds + j] + s : s;
     }
   }
 }
 
 template <int MR, bool ACC>
-inline void dot_rows(const float* A, int64_t lda, const float* Bm, int64_t ldb, float* S, int64_t lds, int64_t N,
-                     int64_t K) {
+inline void dot_rows(const float* A, int64_t lda, int64_t sa, const float* Bm, int64_t ldb, int64_t sb, int64_t nseg,
+                     float* S, int64_t lds, int64_t N, int64_t K) {
   int64_t j = 0;
-  for (; j + 3 <= N; j += 3) dot_tile<MR, 3, ACC>(A, lda, Bm + j * ldb, ldb, S + j, lds, K);
-  for (; j < N; ++j) dot_tile<MR, 1, ACC>(A, lda, Bm + j * ldb, ldb, S + j, lds, K);
+  for (; j + 3 <= N; j += 3) dot_tile<MR, 3, ACC>(A, lda, sa, Bm + j * ldb, ldb, sb, nseg, S + j, lds, K);
+  for (; j < N; ++j) dot_tile<MR, 1, ACC>(A, lda, sa, Bm + j * ldb, ldb, sb, nseg, S + j, lds, K);
 }
 
+// S [M, N] (+)= Σ_g A_g [M, K] · B_g [N, K]ᵀ (segments as in dot_tile).
+template <bool ACC>
+inline void dots_seg(const float* A, int64_t lda, int64_t sa, const float* Bm, int64_t ldb, int64_t sb, int64_t nseg,
+                     float* S, int64_t lds, int64_t M, int64_t N, int64_t K) {
+  int64_t i = 0;
+  for (; i + 4 <= M; i += 4) dot_rows<4, ACC>(A + i * lda, lda, sa, Bm, ldb, sb, nseg, S + i * lds, lds, N, K);
+  for (; i < M; ++i) dot_rows<1, ACC>(A + i * lda, lda, sa, Bm, ldb, sb, nseg, S + i * lds, lds, N, K);
+}
+
+// S [M, N] (+)= A [M, K] · Bm [N, K]ᵀ.
 template <bool ACC>
 inline void dots(const float* A, int64_t lda, const float* Bm, int64_t ldb, float* S, int64_t lds, int64_t M,
                  int64_t N, int64_t K) {
-  int64_t i = 0;
-  for (; i + 4 <= M; i += 4) dot_rows<4, ACC>(A + i * lda, lda, Bm, ldb, S + i * lds, lds, N, K);
-  for (; i < M; ++i) dot_rows<1, ACC>(A + i * lda, lda, Bm, ldb, S + i * lds, lds, N, K);
+  dots_seg<ACC>(A, lda, 0, Bm, ldb, 0, 1, S, lds, M, N, K);
 }
 
 #undef SVDK_SIMD_UNROLL
