@@ -48,6 +48,10 @@ inline void gemm_rows(const float* A, int64_t lda, const float* Bm, int64_t ldb,
                       int64_t N) {
   int64_t c = 0;
   for (; c + 3 * kW <= N; c += 3 * kW) gemm_tile<MR, 3, ACC, TA>(A, lda, Bm + c, ldb, C + c, ldc, K);
+  if (c + 2 * kW <= N) {
+    gemm_tile<MR, 2, ACC, TA>(A, lda, Bm + c, ldb, C + c, ldc, K);
+    c += 2 * kW;
+  }
   for (; c + kW <= N; c += kW) gemm_tile<MR, 1, ACC, TA>(A, lda, Bm + c, ldb, C + c, ldc, K);
   for (; c < N; ++c) {  // columns past the last full vector
     for (int i = 0; i < MR; ++i) {
