@@ -145,13 +145,18 @@ std::tuple<at::Tensor, at::Tensor> lowrank_attention_decode(
   p.bf16 = k_latent.scalar_type() == at::kBFloat16;
   p.causal = causal;
   p.layout = rope_layout;
-  at::Tensor freq;
+  at::Tensor freq, wk_panels;
   if (k_basis.has_value()) {
     p.d = q.size(2);
     p.Hkv = k_basis->size(2) / p.d;
     p.rows_per_kv = M / p.Hkv;
-    p.wk = k_basis->data_ptr<float>();
-    p.wk_batch_stride = k_basis->size(0) == 1 ? 0 : rk * k_basis->size(2);
+    const int64_t N = k_basis->size(2), P = (N + attn::kPanel - 1) / attn::kPanel;
+    wk_panels = at::constant_pad_nd(*k_basis, {0, P * attn::kPanel - N})
+                    .view({k_basis->size(0), rk, P, attn::kPanel})
+                    .permute({0, 2, 1, 3})
+                    .contiguous();
+    p.wk = wk_panels.data_ptr<float>();
+    p.wk_batch_stride = k_basis->size(0) == 1 ? 0 : P * rk * attn::kPanel;
     if (inv_freq.has_value()) {
       freq = inv_freq->contiguous();
       p.inv_freq = freq.data_ptr<float>();

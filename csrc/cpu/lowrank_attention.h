@@ -42,7 +42,7 @@ struct Params {
   const void* ck;               // [B, T, rk]
   const void* cv;               // [B, T, rv]
   bool bf16;                    // latents are bfloat16 (else float32)
-  const float* wk;              // [1 or B, rk, Hkv·d] or nullptr (absorbed)
+  const float* wk;              // [1 or B, P, rk, kPanel] panels of [rk, Hkv·d], or nullptr (absorbed)
   int64_t wk_batch_stride;      // 0 for a shared basis
   const float* inv_freq;        // [half_rot] or nullptr
   int64_t half_rot;
@@ -56,6 +56,10 @@ struct Item {
 };
 
 constexpr int64_t kTile = 32;  // tokens per tile
+// The key basis is packed in panels of kPanel columns ([P, rk, kPanel] per basis,
+// zero-padded): a tile's GEMM then streams contiguous rows instead of rows 4 KiB
+// apart, which alias in L1.
+constexpr int64_t kPanel = 48;
 
 // Floats of scratch memory one work item needs.
 int64_t scratch_floats(const Params& p);

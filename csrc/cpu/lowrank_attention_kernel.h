@@ -153,7 +153,10 @@ inline void attend_item(const Params& p, const Item& it, float* o, float* mx, fl
     if (absorbed) {
       dots<false>(q, rk, Ck, rk, S, kTile, M, n, rk);
     } else {
-      gemm<false, false>(Ck, rk, wk, N, Kt, N, n, rk, N);
+      for (int64_t c0 = 0; c0 < N; c0 += kPanel) {
+        const int64_t w = (N - c0) < kPanel ? (N - c0) : kPanel;
+        gemm<false, false>(Ck, rk, wk + (c0 / kPanel) * rk * kPanel, kPanel, Kt + c0, N, n, rk, w);
+      }
       if (p.inv_freq != nullptr) rope_tile(p, Kt, n, t0, cs);
       for (int64_t j = 0; j < p.Hkv; ++j) {
         const int64_t m0 = j * p.rows_per_kv;
