@@ -277,7 +277,7 @@ def ragged_rows(wl: Workload, repeats: int) -> Iterator[Row]:
     def timed(method: str, kind: str, fn: Callable[[], torch.Tensor], extra_note: str) -> Row:
         t, y = time_fn(fn, repeats=repeats, device=CPU)
         return Row(wl.name + f" ragged B={B}", method, t * 1e3, kind=kind, errors={"rel err": rel_err(y, exact)},
-                   note=f"{note}; {extra_note}")
+                   note=f"{note}; {extra_note}", extra={"cache_bytes": lat, "dense_cache_bytes": nbytes(K, V)})
 
     yield timed("ours absorbed", "ours", lambda: lowrank_attention(q, Ck, Cv, Wk, Wv, cache_seqlens=seqlens),
                 f"cache_seqlens; latents {lat / 2**20:.0f} MiB")
