@@ -9,6 +9,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/kron_linear.h"
+#include "cpu/lowrank_attention.h"
 #include "cpu/lowrank_quant.h"
 
 TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
@@ -20,6 +22,19 @@ TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
       "Tensor L_up, Tensor? bias, int isa=-1) -> Tensor");
   // The instruction set isa=-1 picks on this CPU (0 to 3, as above).
   m.def("_cpp_best_isa() -> int", &svdkernels::cpu::best_isa);
+
+  // lowrank_attention decode in latent space: (o_lat [B, M, rv], lse [B, M]) float32;
+  // see csrc/cpu/lowrank_attention.cpp. isa as above (3 runs as 2).
+  m.def(
+      "_cpp_lowrank_attention_decode(Tensor q, Tensor k_latent, Tensor v_latent, Tensor? k_basis, "
+      "Tensor? inv_freq, Tensor? cache_seqlens, int Sq, bool causal, int rope_layout, int isa=-1) "
+      "-> (Tensor, Tensor)");
+  // kron_linear (float32): y [N, a1*b1] = scale·x·(Σ_i A_i ⊗ B_i)ᵀ, and its backward in one
+  // pass, (∂x, ∂A, ∂B) (empty where not asked for); see csrc/cpu/kron_linear.cpp.
+  m.def("_cpp_kron_linear(Tensor x, Tensor A, Tensor B, float scale, int isa=-1) -> Tensor");
+  m.def(
+      "_cpp_kron_linear_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, float scale, bool needs_x, "
+      "bool needs_A, bool needs_B, int isa=-1) -> (Tensor, Tensor, Tensor)");
 }
 
 // A module with no Python functions: importing it is what loads the library.

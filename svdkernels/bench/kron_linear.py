@@ -9,7 +9,10 @@ grad, as in any layer but the first):
 
 - ``frozen base``: ``F.linear`` alone, the reference time;
 - ``ours``: :class:`KronLinear` (base + ``kron_linear``), loaded from the peft
-  adapter with :func:`load_lokr`;
+  adapter with :func:`load_lokr` (on the CPU: the C++ kernels when ``svdkernels._C``
+  is built, the fused backward among them);
+- ``ours, reference backend``: the same layer on the plain-PyTorch backend (its
+  backward is torch GEMMs over activation-sized intermediates);
 - ``peft LoKr``: peft's layer with the same adapter (it builds ``torch.kron`` of the
   factors, ``out×in``, on every call).
 
@@ -28,6 +31,7 @@ import torch
 from torch import nn
 
 from svdkernels.adapters import load_lokr
+from svdkernels.backends import select_backend, use_backend
 from svdkernels.bench import Row, bench_device, device_peaks, register, roofline_row, table_peaks, time_fn
 
 
@@ -103,6 +107,8 @@ def bench_kron_linear(quick: bool, repeats: int) -> Iterator[Row | str]:
         layer = ours.proj
         want = (x.double() @ layer.delta_weight().double().T)
         errs = {"ours": _delta_error(ours, base, x, want), "peft LoKr": _delta_error(peft_model, base, x, want)}
+        with use_backend("reference"):
+            errs["ours_ref"] = _delta_error(ours, base, x, want)
         xg = x.clone().requires_grad_(True)
 
         def fwd(m: nn.Module):
@@ -122,8 +128,13 @@ def bench_kron_linear(quick: bool, repeats: int) -> Iterator[Row | str]:
                 t_base = _time(make(base), repeats)
                 t_ours = _time(make(ours), repeats)
                 t_peft = _time(make(peft_model), repeats)
+                with use_backend("reference"):
+                    t_ref = _time(make(ours), repeats)
             yield Row(name, "ours (KronLinear)", t_ours * 1e3, kind="ours",
-                      errors={"overhead": t_ours / t_base - 1, "err": errs["ours"]})
+                      errors={"overhead": t_ours / t_base - 1, "err": errs["ours"]},
+                      note=f"backend {select_backend('kron_linear', device, has_cpp=True)}")
+            yield Row(name, "ours, reference backend", t_ref * 1e3,
+                      errors={"overhead": t_ref / t_base - 1, "err": errs["ours_ref"]})
             yield Row(name, "peft LoKr", t_peft * 1e3, errors={"overhead": t_peft / t_base - 1, "err": errs["peft LoKr"]})
             yield Row(name, "frozen base F.linear", t_base * 1e3, kind="bare", errors={"overhead": 0.0})
         # The Kronecker part of the forward pass alone: read x, write y, read the factors.

@@ -12,8 +12,19 @@ cached tokens (quick: 2k) stored as latents of rank ``rk = rv = 256``
   without RoPE, MLA-style: attention over the latents);
 - ``ours pre-RoPE``: with ``rope=RoPE(500000)``: keys reconstructed and rotated;
 - ``ours absorbed, bf16 cache``: the absorbed mode on bfloat16 latents and bases;
+- ``ours ... isa=<path>``: the C++ kernel forced onto each instruction-set path this
+  CPU runs (AVX2, AVX-512; the default row is the best one);
 - roofline rows: each mode's bytes and FLOPs per decode step at this CPU's limits
-  and at an H100's (bf16 caches there), against dense attention's.
+  (FLOPs at the measured float32 GEMM peak, bytes at the measured bandwidth) and at
+  an H100's (bf16 caches there), against dense attention's.
+
+Ragged workload (issue 19): one decode step of a batch of 4 sequences of different
+lengths (32k, 28k, 12k and 3k of a 32k cache), ``cache_seqlens`` given. Peers:
+``dense SDPA fp32, masked`` (one SDPA call over the padded dense cache with a
+boolean mask, as a batch is served) and ``dense SDPA fp32, per sequence`` (one call
+per sequence on its valid prefix, the least dense work); ``ours absorbed,
+reference backend`` is the plain-PyTorch path (it masks a zero-filled copy of
+``v_latent``).
 
 ``rel err``: against float64 attention over the same reconstructed keys and values
 (with RoPE for the pre-RoPE mode and the peer; the bf16 row against the float32
@@ -36,7 +47,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from svdkernels.backends import cpp_available, use_backend
 from svdkernels.bench import Peaks, Row, device_peaks, register, roofline, roofline_row, table_peaks, time_fn
+from svdkernels.ops import lowrank_attention_cpp
 from svdkernels.ops.lowrank_attention import RoPE, lowrank_attention
 from svdkernels.reference.lowrank_attention import apply_rope
 
@@ -65,6 +78,36 @@ class Workload:
 
 def workloads(quick: bool) -> list[Workload]:
     return [Workload(2048)] if quick else [Workload(T) for T in (4096, 16384, 32768)]
+
+
+RAGGED_FRACTIONS = (1.0, 0.875, 0.375, 0.09375)
+"""Valid lengths of the ragged batch, as fractions of T (32k: 32768, 28672, 12288, 3072)."""
+
+
+def ragged_workload(quick: bool) -> Workload:
+    return Workload(2048 if quick else 32768)
+
+
+ISA_NAMES = {1: "avx2", 2: "avx512"}
+
+
+def cpp_isas() -> list[int]:
+    """The SIMD paths of the C++ kernel this CPU runs (none without the extension)."""
+    if not cpp_available():
+        return []
+    import svdkernels._C  # noqa: F401
+
+    return [i for i in ISA_NAMES if i <= min(2, torch.ops.svdkernels._cpp_best_isa())]
+
+
+def cpp_call(c: "LatentCache", rope: RoPE | None, isa: int, seqlens: torch.Tensor | None = None,
+             tensors: tuple[torch.Tensor, ...] | None = None) -> Callable[[], torch.Tensor]:
+    """The C++ backend forced onto instruction set ``isa``."""
+    q, Ck, Cv, Wk, Wv = tensors or (c.q, c.Ck, c.Cv, c.Wk, c.Wv)
+    d = q.shape[-1]
+    args = rope.op_args(d) if rope is not None else (False, 10000.0, 1.0, 0, 0)
+    return lambda: lowrank_attention_cpp.lowrank_attention(q, Ck, Cv, Wk, Wv, seqlens, True, 1 / math.sqrt(d),
+                                                           *args, isa=isa)[0]
 
 
 @dataclass(frozen=True)
@@ -183,9 +226,10 @@ def decode_rows(wl: Workload, repeats: int, peaks: Peaks) -> Iterator[Row]:
 
     absorbed = timed("ours absorbed", "ours", lambda: lowrank_attention(c.q, c.Ck, c.Cv, c.Wk, c.Wv),
                      exact_plain, cache_bytes, "rope=None: attention over the latents")
+    backend = "C++ kernel" if lowrank_attention_cpp.cpp_supports(c.q) and cpp_available() else "reference backend"
     pre_rope = timed("ours pre-RoPE", "ours",
                      lambda: lowrank_attention(c.q, c.Ck, c.Cv, c.Wk, c.Wv, rope=ROPE),
-                     exact_rope, cache_bytes, "keys reconstructed and rotated (reference backend)")
+                     exact_rope, cache_bytes, f"keys reconstructed and rotated ({backend})")
     low = timed("ours absorbed, bf16 cache", "ours", lambda: lowrank_attention(*bf16), exact_plain,
                 nbytes(*bf16[1:]), "bf16 latents and bases; error includes their rounding")
     dense = timed("dense SDPA fp32", "peer",
@@ -195,11 +239,62 @@ def decode_rows(wl: Workload, repeats: int, peaks: Peaks) -> Iterator[Row]:
     per_token = (wl.rk + wl.rv) / (2 * wl.Hkv * wl.d)
     absorbed.note += f"; per token {1 / per_token:.1f}x smaller"
     yield from (absorbed, pre_rope, low, dense)
+    for isa in cpp_isas() if wl.T == 32768 else []:
+        for label, rope, want in (("absorbed", None, exact_plain), ("pre-RoPE", ROPE, exact_rope)):
+            yield timed(f"ours {label} isa={ISA_NAMES[isa]}", "peer", cpp_call(c, rope, isa), want, cache_bytes,
+                        f"C++ kernel forced onto its {ISA_NAMES[isa]} path")
     yield cpu_roofline_row(wl, "absorbed", absorbed.time_ms / 1e3, peaks, "latents + bases from DRAM")
     yield cpu_roofline_row(wl, "pre-RoPE", pre_rope.time_ms / 1e3, peaks,
                            "same bytes; C_k·W_k for every key is the FLOP cost")
     yield gpu_roofline_row(wl, "absorbed", "roofline H100 absorbed (GPU estimate)")
     yield gpu_roofline_row(wl, "pre-RoPE", "roofline H100 pre-RoPE (GPU estimate)")
+
+
+def ragged_rows(wl: Workload, repeats: int) -> Iterator[Row]:
+    """One decode step of 4 sequences of different lengths over a cache of ``wl.T``."""
+    B, n = len(RAGGED_FRACTIONS), wl.Hkv * wl.d
+    g = torch.Generator().manual_seed(4 * wl.T)
+    q = torch.randn(B, wl.Hq, 1, wl.d, generator=g)
+    Ck, Cv = torch.randn(B, wl.T, wl.rk, generator=g), torch.randn(B, wl.T, wl.rv, generator=g)
+    Wk = torch.randn(wl.rk, n, generator=g) / math.sqrt(wl.rk)
+    Wv = torch.randn(wl.rv, n, generator=g) / math.sqrt(wl.rv)
+    lengths = [int(f * wl.T) for f in RAGGED_FRACTIONS]
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+
+    def heads(C: torch.Tensor, W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``C·W`` as ``[b, Hkv, t, d]``."""
+        return (C.to(dtype) @ W.to(dtype)).view(C.shape[0], C.shape[1], wl.Hkv, wl.d).transpose(1, 2)
+
+    # float64 attention per sequence over its valid prefix (keys without RoPE: the absorbed mode).
+    exact = torch.cat([F.scaled_dot_product_attention(q[b:b + 1].double(), heads(Ck[b:b + 1, :L], Wk, torch.float64),
+                                                      heads(Cv[b:b + 1, :L], Wv, torch.float64), enable_gqa=True)
+                       for b, L in enumerate(lengths)])
+    K, V = heads(Ck, Wk, torch.float32).contiguous(), heads(Cv, Wv, torch.float32).contiguous()
+    mask = (torch.arange(wl.T) < seqlens.view(B, 1, 1, 1))
+    lat = nbytes(Ck, Cv, Wk, Wv)
+    note = f"lengths {lengths}"
+
+    def timed(method: str, kind: str, fn: Callable[[], torch.Tensor], extra_note: str) -> Row:
+        t, y = time_fn(fn, repeats=repeats, device=CPU)
+        return Row(wl.name + f" ragged B={B}", method, t * 1e3, kind=kind, errors={"rel err": rel_err(y, exact)},
+                   note=f"{note}; {extra_note}", extra={"cache_bytes": lat, "dense_cache_bytes": nbytes(K, V)})
+
+    yield timed("ours absorbed", "ours", lambda: lowrank_attention(q, Ck, Cv, Wk, Wv, cache_seqlens=seqlens),
+                f"cache_seqlens; latents {lat / 2**20:.0f} MiB")
+    for isa in cpp_isas():
+        yield timed(f"ours absorbed isa={ISA_NAMES[isa]}", "peer",
+                    cpp_call(None, None, isa, seqlens, (q, Ck, Cv, Wk, Wv)), "C++ kernel forced onto this path")
+    with use_backend("reference"):
+        yield timed("ours absorbed, reference backend", "peer",
+                    lambda: lowrank_attention(q, Ck, Cv, Wk, Wv, cache_seqlens=seqlens),
+                    "plain PyTorch: masks a zero-filled copy of v_latent")
+    yield timed("dense SDPA fp32, masked", "peer",
+                lambda: F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True),
+                f"one call, boolean mask over the padded dense cache ({nbytes(K, V) / 2**20:.0f} MiB)")
+    yield timed("dense SDPA fp32, per sequence", "peer",
+                lambda: torch.cat([F.scaled_dot_product_attention(q[b:b + 1], K[b:b + 1, :, :L], V[b:b + 1, :, :L],
+                                                                  enable_gqa=True) for b, L in enumerate(lengths)]),
+                "one call per sequence on its valid prefix")
 
 
 def minilm_rows(quick: bool) -> Iterator[Row]:
@@ -231,18 +326,22 @@ LEGEND = (
     "(rk + rv) / (2·Hkv·d) of the dense cache; the bases are a per-sequence constant.\n"
     "roofline rows: bytes and FLOPs per decode step, the time at the hardware limit (measured/limit in the note), "
     "and dense attention's at the same limits; H100 rows assume bf16 caches. Targets (issue 5): cache >= 4x smaller; "
-    "absorbed at least as fast as dense at 32k (aim 1.5x).\n"
+    "absorbed at least as fast as dense at 32k (aim 1.5x); issue 19: absorbed >= 1.5x dense SDPA on the "
+    "ragged batch, pre-RoPE within 1.3x of its roofline (FLOPs / measured float32 GEMM peak).\n"
     "MiniLM rows: all-MiniLM-L6-v2 keys/values on a 320-token passage; groups of G layers get rank G·r (equal latent "
     "floats per token); attn err = all layers' attention outputs; key/EY = key error / Eckart-Young optimum."
 )
 
 
-@register("lowrank_attention", count=lambda quick: len(workloads(quick)) + 1, legend=LEGEND)
+@register("lowrank_attention", count=lambda quick: len(workloads(quick)) + 2, legend=LEGEND)
 def bench_lowrank_attention(quick: bool, repeats: int) -> Iterator[Row | str]:
     """Decode over the low-rank cache against dense SDPA, then the MiniLM check (CPU)."""
     peaks = device_peaks(CPU, quick)
     for wl in workloads(quick):
         yield wl.name
         yield from decode_rows(wl, repeats, peaks)
+    wl = ragged_workload(quick)
+    yield f"{wl.name} ragged"
+    yield from ragged_rows(wl, repeats)
     yield f"MiniLM xKV T={MINILM_TOKENS}"
     yield from minilm_rows(quick)

@@ -3,7 +3,9 @@
 ``torch.ops.svdkernels.kron_linear`` (forward) and ``kron_linear_backward``: schema,
 fake implementations, autograd, validation and backend dispatch. The math is in
 ``svdkernels/reference/kron_linear.py``; the fused kernel in
-``svdkernels/triton/kron_linear.py``.
+``svdkernels/triton/kron_linear.py`` (CUDA) and the C++ kernels of
+``csrc/cpu/kron_linear.cpp`` (float32 CPU tensors, when ``svdkernels._C`` is built;
+the backward is one fused pass giving ``∂x``, ``∂A`` and ``∂B``).
 
 A factor travels through the schema as a list: ``[dense]`` with ``dense [r, p, q]``,
 or ``[u [r, p, k], v [r, k, q]]`` for the low-rank form ``u @ v`` (peft LoKr's
@@ -17,7 +19,8 @@ from typing import Union
 
 import torch
 
-from svdkernels.backends import select_backend, traced_triton
+from svdkernels.backends import requested_backend, select_backend, traced_triton
+from svdkernels.ops import kron_linear_cpp as cpp_backend
 from svdkernels.ops.registration import triton_op
 from svdkernels.reference import kron_linear as reference
 
@@ -103,14 +106,28 @@ def _triton_backward(
     return gx, gA, gB
 
 
+def _backend(x: torch.Tensor) -> str:
+    """``select_backend``'s choice, with ``cpp`` only for the calls the C++ kernels take
+    (float32 CPU tensors; other calls run the reference unless cpp is forced)."""
+    backend = select_backend("kron_linear", x.device, has_cpp=True)
+    if backend == "cpp" and not cpp_backend.cpp_supports(x):
+        if requested_backend() == "cpp":
+            raise RuntimeError(f"kron_linear: the cpp backend takes float32 CPU tensors, got {x.device.type} {x.dtype}")
+        return "reference"
+    return backend
+
+
 @torch.library.custom_op("svdkernels::_kron_linear_dispatch", mutates_args=())
 def _kron_linear_dispatch_op(x: torch.Tensor, A: list[torch.Tensor], B: list[torch.Tensor], scale: float) -> torch.Tensor:
     """Opaque to tracing: every backend of ``kron_linear`` (inputs validated)."""
     _, a1, _ = factor_dims("A", A)
     _, b1, _ = factor_dims("B", B)
     x2 = _flat(x)
-    if select_backend("kron_linear", x.device) == "triton":
+    backend = _backend(x)
+    if backend == "triton":
         y = _triton_forward(x2, A, B, scale)
+    elif backend == "cpp":
+        y = cpp_backend.forward(x2, A, B, scale)
     else:
         y = reference.forward(x2, A, B, scale)
     return y.reshape(*x.shape[:-1], a1 * b1)
@@ -123,7 +140,7 @@ def kron_linear_op(x: torch.Tensor, A: list[torch.Tensor], B: list[torch.Tensor]
     A ``triton_op``: where the call runs compiled Triton kernels, torch.compile traces
     their launches; every other backend is the opaque ``_kron_linear_dispatch``."""
     validate(x, A, B, scale)
-    if traced_triton("kron_linear", x.device):
+    if traced_triton("kron_linear", x.device, has_cpp=True):
         _, a1, _ = factor_dims("A", A)
         _, b1, _ = factor_dims("B", B)
         return _triton_forward(_flat(x), A, B, scale).reshape(*x.shape[:-1], a1 * b1)
@@ -151,8 +168,11 @@ def _kron_linear_backward_dispatch_op(
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Opaque to tracing: every backend of ``kron_linear_backward``."""
     x2, g2 = _flat(x), _flat(grad_y)
-    if select_backend("kron_linear", x.device) == "triton":
+    backend = _backend(x)
+    if backend == "triton":
         gx, gA, gB = _triton_backward(g2, x2, A, B, scale, needs_x, needs_A, needs_B)
+    elif backend == "cpp":
+        gx, gA, gB = cpp_backend.backward(g2, x2, A, B, scale, (needs_x, needs_A, needs_B))
     else:
         gx, gA, gB = reference.backward(g2, x2, A, B, scale, (needs_x, needs_A, needs_B))
     return _pack_grads(x, gx, gA, gB)
@@ -166,7 +186,7 @@ def kron_linear_backward_op(
     """Gradients of ``kron_linear``: ``(∂x, [∂A factors], [∂B factors])``; gradients
     not asked for come back as an empty tensor / empty list. A ``triton_op`` like
     ``kron_linear``."""
-    if traced_triton("kron_linear", x.device):
+    if traced_triton("kron_linear", x.device, has_cpp=True):
         gx, gA, gB = _triton_backward(_flat(grad_y), _flat(x), A, B, scale, needs_x, needs_A, needs_B)
         return _pack_grads(x, gx, gA, gB)
     return torch.ops.svdkernels._kron_linear_backward_dispatch(grad_y, x, A, B, scale, needs_x, needs_A, needs_B)

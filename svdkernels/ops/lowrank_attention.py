@@ -25,8 +25,10 @@ Inference only: the op has no autograd formula (a backward through it raises).
 
 Backends: CUDA tensors (fp32/fp16/bf16) run the flash-decoding Triton kernel of
 ``svdkernels/triton/lowrank_attention.py`` (T split across programs, a fixed-order
-combine; prefill folds Sq into the rows); everything else, and float64, runs the
-reference. Forcing ``triton`` on CPU tensors runs the kernel under the interpreter.
+combine; prefill folds Sq into the rows); CPU tensors in float32/bfloat16 with up
+to 16 query tokens run the C++ decode kernel when ``svdkernels._C`` is built
+(``svdkernels/ops/lowrank_attention_cpp.py``: only each sequence's valid prefix is
+read); everything else, and float64, runs the reference. Forcing ``triton`` on CPU tensors runs the kernel under the interpreter.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ from typing import Optional, Union
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from svdkernels.backends import select_backend, traced_triton
+from svdkernels.backends import requested_backend, select_backend, traced_triton
+from svdkernels.ops import lowrank_attention_cpp as cpp_backend
 from svdkernels.ops.registration import triton_op
 from svdkernels.reference import lowrank_attention as reference
 
@@ -239,10 +242,18 @@ def _lowrank_attention_dispatch_op(
     check_seqlens_values(cache_seqlens, k_latent.shape[1])
     args = (q, k_latent, v_latent, k_basis, v_basis, cache_seqlens, causal, sm_scale,
             rope, rope_theta, rope_scaling, rope_layout, rotary_dim)
-    if select_backend("lowrank_attention", q.device, dtype=q.dtype, triton_dtypes=TRITON_DTYPES) == "triton":
+    backend = select_backend("lowrank_attention", q.device, dtype=q.dtype, triton_dtypes=TRITON_DTYPES,
+                             has_cpp=True)
+    if backend == "triton":
         from svdkernels.triton import lowrank_attention as kernels  # on first use: never at import
 
         return kernels.lowrank_attention(*args)
+    if backend == "cpp":
+        if cpp_backend.cpp_supports(q):
+            return cpp_backend.lowrank_attention(*args)
+        if requested_backend() == "cpp":
+            raise RuntimeError(f"lowrank_attention: the cpp backend takes CPU tensors of dtype float32 or bfloat16 "
+                               f"with Sq <= {cpp_backend.CPP_MAX_SQ}, got {q.device.type} {q.dtype}, Sq = {q.shape[2]}")
     return reference.lowrank_attention(*args)
 
 
@@ -273,7 +284,7 @@ def lowrank_attention_op(
              rope_theta, rope_scaling, causal)
     args = (q, k_latent, v_latent, k_basis, v_basis, cache_seqlens, causal, sm_scale,
             rope, rope_theta, rope_scaling, rope_layout, rotary_dim)
-    if traced_triton("lowrank_attention", q.device, dtype=q.dtype, triton_dtypes=TRITON_DTYPES):
+    if traced_triton("lowrank_attention", q.device, dtype=q.dtype, triton_dtypes=TRITON_DTYPES, has_cpp=True):
         from svdkernels.triton import lowrank_attention as kernels
 
         if cache_seqlens is not None and not is_fake(cache_seqlens):

@@ -56,10 +56,14 @@ def rope_angles(positions: torch.Tensor, rotary_dim: int, theta: float, scaling:
     (a GPU kernel computes these in float32 too) agrees. At position 32k a float32
     angle is off by up to ~2e-3 rad; models are used with that rounding.
     """
-    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=positions.device).float() / rotary_dim
+    return positions.float().unsqueeze(-1) * rope_inv_freq(rotary_dim, theta, scaling, positions.device)
+
+
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: float, device: torch.device) -> torch.Tensor:
+    """float32 ``[rotary_dim/2]`` frequencies ``θ^(-2i/r) / scaling``: angle = position · these."""
+    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim
     inv_freq = 1.0 / (theta**exponent)
-    inv_freq = inv_freq / scaling
-    return positions.float().unsqueeze(-1) * inv_freq
+    return inv_freq / scaling
 
 
 def apply_rope(

@@ -1,0 +1,63 @@
+// AVX-512F build of the lowrank_attention decode kernel (lowrank_attention_kernel.h):
+// 16-lane float32 vectors. Compiled with target options on this file's functions
+// only, so the library runs on any x86-64; lowrank_attention.cpp calls it when the
+// CPU has AVX-512F.
+
+#include "lowrank_attention.h"
+
+#include <cstdint>
+#include <cstring>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's own AVX-512 headers trip these on _mm512_undefined_* (GCC bug 105593).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#endif
+
+namespace svdkernels {
+namespace cpu {
+namespace attn {
+namespace avx512_impl {
+
+#include "simd_avx512.h"
+#include "simd_gemm.h"
+#include "lowrank_attention_kernel.h"
+
+}  // namespace avx512_impl
+
+void attend_avx512(const Params& p, const Item& it, float* o, float* mx, float* l, float* scratch) {
+  avx512_impl::attend_item(p, it, o, mx, l, scratch);
+}
+
+}  // namespace attn
+}  // namespace cpu
+}  // namespace svdkernels
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#else  // not x86-64 with GCC/clang: never called (best_isa() is 0 there)
+
+namespace svdkernels {
+namespace cpu {
+namespace attn {
+void attend_avx512(const Params& p, const Item& it, float* o, float* mx, float* l, float* scratch) {
+  attend_generic(p, it, o, mx, l, scratch);
+}
+}  // namespace attn
+}  // namespace cpu
+}  // namespace svdkernels
+
+#endif
