@@ -13,6 +13,7 @@ sparse COO/CSR input, ``center``, ``method="krylov"`` and ``tol``.
 from __future__ import annotations
 
 import math
+import sys
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -176,6 +177,13 @@ def _(A, rank, oversample, n_iter, seed, sketch_dtype, center=None, method="hmt"
     )
 
 
+def _is_dtensor(A: object) -> bool:
+    # No import of torch.distributed.tensor unless it is already loaded (a DTensor
+    # cannot exist otherwise), nor where torch has no torch.distributed.
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(A, mod.DTensor)
+
+
 def rsvd(
     A: torch.Tensor,
     rank: int,
@@ -255,6 +263,9 @@ def rsvd(
     Backends: dense float32/16-bit input with ``center``, ``method`` and ``tol`` at
     their defaults runs the Triton passes on CUDA; float64, complex, sparse, centred,
     Krylov, dash and ``tol`` calls run the reference backend (torch products) on any device.
+    A ``DTensor`` on a 1-D mesh (``Shard(-2)``, ``Shard(-1)`` or ``Replicate()``) runs
+    :func:`svdkernels.ops.rsvd_sharded.rsvd_sharded`: local passes, one all-reduce of an
+    ``l×l`` Gram per orthonormalisation, ``U``/``S``/``Vh`` as DTensors.
 
     Raises:
         ValueError: naming ``A`` if it holds NaN or Inf; naming the argument for a
@@ -269,6 +280,11 @@ def rsvd(
         X = torch.sparse_coo_tensor(idx, val, (100_000, 50_000))
         U, S, Vh = svdkernels.rsvd(X, 16, center=True)  # PCA of a sparse matrix
     """
+    if _is_dtensor(A):
+        from svdkernels.ops.rsvd_sharded import rsvd_sharded  # on use: torch.distributed.tensor
+
+        return rsvd_sharded(A, rank, oversample=oversample, n_iter=n_iter, seed=seed, sketch_dtype=sketch_dtype,
+                            center=center, method=method, tol=tol)
     if center is True:
         center = "columns"
     elif center is False:

@@ -103,6 +103,14 @@ def _worker(rank, world_size):
     # seed=None: drawn on the mesh's first rank and broadcast, so every rank agrees.
     U, S, Vh = rsvd_sharded(distribute_tensor(_matrix(), meshes[4], [_placement("rows")]), K)
     out["seedless_S"] = S.to_local()
+    # The public entry point routes a DTensor here (same result as the direct call).
+    import svdkernels
+
+    D = distribute_tensor(_matrix(), meshes[4], [_placement("rows")])
+    U, S, Vh = svdkernels.rsvd(D, K, oversample=OVERSAMPLE, seed=SEED)
+    U2, S2, Vh2 = rsvd_sharded(D, K, oversample=OVERSAMPLE, seed=SEED)
+    out["via_rsvd"] = (type(U).__name__, type(S).__name__, type(Vh).__name__,
+                       all(torch.equal(a.to_local(), b.to_local()) for a, b in ((U, U2), (S, S2), (Vh, Vh2))))
     return out
 
 
@@ -198,6 +206,11 @@ def test_16bit_input_is_factored_in_float32(runs):
     Ur, Sr, Vr = reference_rsvd(A, K, oversample=OVERSAMPLE, seed=SEED, sketch_dtype=torch.float32)
     assert U.dtype == S.dtype == Vh.dtype == torch.float32
     assert (_lowrank(U, S, Vh) - _lowrank(Ur, Sr, Vr)).norm() <= TOL * A.norm()
+
+
+def test_svdkernels_rsvd_routes_a_dtensor(runs):
+    for r in range(4):
+        assert runs[r]["via_rsvd"] == ("DTensor", "DTensor", "DTensor", True)
 
 
 def test_seed_none_agrees_on_every_rank(runs):
