@@ -375,9 +375,10 @@ at::Tensor lowrank_w4a4_gemm(const at::Tensor& xq, const at::Tensor& xscale, con
   // Activations once per call: int8 values de-interleaved per group (even k, then
   // odd k, to meet the low and high nibbles of 32 weight bytes), the offset
   // correction 8·Σqx, and the scales, zero-padded to whole blocks of 8 groups.
-  at::Tensor xs8 = at::zeros({M, G8 * kGroup}, xq.options().dtype(at::kChar));
-  at::Tensor xcorr = at::zeros({M, G8}, xq.options().dtype(at::kInt));
-  at::Tensor xsc = at::zeros({M, G8}, xq.options().dtype(at::kFloat));
+  // (empty, not zeros: only the padding groups are zeroed, in the loop below.)
+  at::Tensor xs8 = at::empty({M, G8 * kGroup}, xq.options().dtype(at::kChar));
+  at::Tensor xcorr = at::empty({M, G8}, xq.options().dtype(at::kInt));
+  at::Tensor xsc = at::empty({M, G8}, xq.options().dtype(at::kFloat));
   {
     const at::Tensor xqc = xq.contiguous();
     const at::Tensor xscc = xscale.contiguous();
@@ -400,6 +401,11 @@ at::Tensor lowrank_w4a4_gemm(const at::Tensor& xq, const at::Tensor& xscale, con
           }
           corr[m * G8 + g] = 8 * sum;
           sdst[m * G8 + g] = ssrc[m * G + g];
+        }
+        for (int64_t g = G; g < G8; ++g) {
+          std::fill_n(dst + m * G8 * kGroup + g * kGroup, kGroup, int8_t{0});
+          corr[m * G8 + g] = 0;
+          sdst[m * G8 + g] = 0.f;
         }
       }
     });
