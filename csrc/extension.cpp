@@ -35,6 +35,16 @@ TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
   m.def(
       "_cpp_kron_linear_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, float scale, bool needs_x, "
       "bool needs_A, bool needs_B, int isa=-1) -> (Tensor, Tensor, Tensor)");
+
+  // SVDQuant W4A4 (csrc/cpu/lowrank_w4a4.cpp): the activation quantiser with the
+  // down projection, and the int4 x int4 GEMM with the up projection and bias.
+  // isa as above (0 portable, >= 1 the AVX2 code).
+  m.def(
+      "_cpp_lowrank_quantize_act(Tensor x, Tensor smooth, Tensor L_down, bool unsigned, int isa=-1) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_cpp_lowrank_w4a4_gemm(Tensor xq, Tensor xscale, Tensor qweight, Tensor scales, Tensor lowrank_act, "
+      "Tensor L_up, Tensor? bias, bool unsigned, int isa=-1) -> Tensor");
 }
 
 // A module with no Python functions: importing it is what loads the library.

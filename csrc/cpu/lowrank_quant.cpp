@@ -25,7 +25,9 @@
 //       (vpermw) a table of bfloat16 [0..7, -8..-1]; vdpbf16ps multiplies the 64
 //       integer weights with x exactly and sums in float32; the group's sum is
 //       then scaled once;
-//     - AVX2: nibbles or-ed into the mantissa of 2^23 become floats exactly;
+//     - AVX2: 32 bytes (a group) xor-ed with 0x88 and split into nibbles are
+//       unpacked (vpunpck*bw/wd with 0 and 0x4B00) into the floats 2^23 + (u ^ 8),
+//       minus 2^23 + 8 the exact integer weights; each group's sum is scaled once;
 //     - portable C++: a scalar loop (any CPU, e.g. aarch64).
 //
 // Determinism: on a given instruction set, every output element is the same
@@ -48,33 +50,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define SVDK_X86 1
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC 12's own AVX-512 headers trip these on _mm512_undefined_* (GCC bug 105593).
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
-#define SVDK_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
-#define SVDK_AVX2 __attribute__((target("avx2,fma,f16c")))
-// AVX512-BF16 intrinsics need GCC >= 10 or clang >= 9.
-#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
-#define SVDK_HAS_BF16 1
-#define SVDK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16,avx2,fma,f16c")))
-#else
-#define SVDK_HAS_BF16 0
-#endif
-#else
-#define SVDK_X86 0
-#define SVDK_HAS_BF16 0
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define SVDK_UNROLL _Pragma("GCC unroll 16")
-#else
-#define SVDK_UNROLL
-#endif
+#include "quant_simd.h"
 
 namespace svdkernels {
 namespace cpu {
@@ -86,11 +62,6 @@ constexpr int64_t kRowBlock = 16;  // rows per parallel work item
 // bytes). Measured on Zen 4 with cold weights: up to 1.2x faster at 2 to 8
 // tokens, neutral at 1 and 16.
 constexpr int64_t kPrefetch = 1024;
-
-template <typename T>
-inline float to_float(T v) {
-  return static_cast<float>(v);
-}
 
 // Everything the kernels read and write. Row-major throughout.
 template <typename T>
@@ -128,13 +99,6 @@ void deinterleave(const E* x, E* xp, int64_t M, int64_t K, int64_t V) {
 
 // ---------------------------------------------------------------------------
 // Portable C++
-
-template <typename T>
-float dot_generic(const float* a, const T* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * to_float(b[i]);
-  return s;
-}
 
 template <typename T>
 void rows_generic(const Args<T>& a, int64_t n_begin, int64_t n_end) {
@@ -396,50 +360,49 @@ SVDK_AVX512BF16 void rows_avx512bf16(const Args<c10::BFloat16>& a, int64_t n_beg
 // ---------------------------------------------------------------------------
 // AVX2 + FMA (+ F16C for float16): 8 lanes, chunks of 8 bytes = 16 weights.
 
-SVDK_AVX2 inline __m256 load8(const float* p) {
-  return _mm256_loadu_ps(p);
-}
-SVDK_AVX2 inline __m256 load8(const c10::BFloat16* p) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-SVDK_AVX2 inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+// x of a group of 64 in the order the AVX2 unpack below yields the weights:
+// position h·32 + v·8 + l holds k = 2·byte + h, byte = 4v + l (l < 4) or
+// 16 + 4v + (l − 4) (l >= 4); h = 0 for the low nibbles, 1 for the high ones.
+inline int64_t avx2_group_k(int64_t i) {
+  const int64_t h = i / 32, v = (i % 32) / 8, l = i % 8;
+  const int64_t byte = l < 4 ? 4 * v + l : 16 + 4 * v + (l - 4);
+  return 2 * byte + h;
 }
 
-SVDK_AVX2 inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+void permute_avx2(const float* x, float* xp, int64_t M, int64_t K) {
+  int64_t k_of[kGroup];
+  for (int64_t i = 0; i < kGroup; ++i) k_of[i] = avx2_group_k(i);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t mb, int64_t me) {
+    for (int64_t m = mb; m < me; ++m) {
+      for (int64_t g = 0; g < K; g += kGroup) {
+        for (int64_t i = 0; i < kGroup; ++i) xp[m * K + g + i] = x[m * K + g + k_of[i]];
+      }
+    }
+  });
 }
 
-template <typename T>
-SVDK_AVX2 float dot_avx2(const float* a, const T* b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
-    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), load8(b + i + 16), acc2);
-    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), load8(b + i + 24), acc3);
-  }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
-  float s = hsum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
-  for (; i < n; ++i) s += a[i] * to_float(b[i]);
-  return s;
+// The 32 weights of one nibble half of a group (32 bytes, already xor-ed with
+// 0x88 and masked to the nibble: u ^ 8 in 0..15) as exact floats in four vectors:
+// byte unpacks with 0 and then with 0x4B00 build the float 2^23 + (u ^ 8) in each
+// 32-bit lane (no int->float conversion); subtracting 2^23 + 8 leaves u - 16·[u >= 8].
+SVDK_AVX2 inline void unpack_half_avx2(__m256i nib, __m256 f[4]) {
+  const __m256i zero = _mm256_setzero_si256(), exp = _mm256_set1_epi16(0x4B00);
+  const __m256 offset = _mm256_set1_ps(8388616.0f);
+  const __m256i a = _mm256_unpacklo_epi8(nib, zero), b = _mm256_unpackhi_epi8(nib, zero);
+  f[0] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(a, exp)), offset);
+  f[1] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(a, exp)), offset);
+  f[2] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(b, exp)), offset);
+  f[3] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(b, exp)), offset);
 }
 
+// RN row streams x TM tokens, whole K. Per group, each (row, token) sums the 64
+// integer weights times x in float32 (a fresh partial sum per group: independent
+// chains across groups), then adds partial·scale to its accumulator: one multiply
+// by the scale per group instead of one per 8 weights.
 template <typename T, int RN, int TM>
 SVDK_AVX2 inline void tile_avx2(const Args<T>& a, int64_t n0, int64_t rs, int64_t m0) {
   const int64_t K = a.K, G = K / kGroup;
-  // A nibble u becomes the float 2^23 + (u ^ 8) by or-ing it into the mantissa of
-  // 2^23 (0x4B000000; the xor with 8 maps two's complement to offset binary);
-  // subtracting 2^23 + 8 leaves the signed value exactly.
-  const __m256i magic = _mm256_set1_epi32(0x4B000008);
-  const __m256i low4 = _mm256_set1_epi32(15);
-  const __m256 offset = _mm256_set1_ps(8388616.0f);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x88)), low4 = _mm256_set1_epi8(15);
   __m256 acc[RN][TM];
   SVDK_UNROLL for (int r = 0; r < RN; ++r) {
     SVDK_UNROLL for (int t = 0; t < TM; ++t) acc[r][t] = _mm256_setzero_ps();
@@ -449,23 +412,23 @@ SVDK_AVX2 inline void tile_avx2(const Args<T>& a, int64_t n0, int64_t rs, int64_
   const float* x = a.xp + m0 * K;
   for (int64_t g = 0; g < G; ++g) {
     if ((g & 1) == 0) prefetch_rows<RN>(w + g * (kGroup / 2) + kPrefetch, rs * (K / 2));
-    __m256 sv[RN];
-    SVDK_UNROLL for (int r = 0; r < RN; ++r) sv[r] = _mm256_set1_ps(to_float(s[r * rs * G + g]));
-    SVDK_UNROLL for (int c = 0; c < 4; ++c) {
-      const int64_t kb = g * (kGroup / 2) + c * 8;
-      const int64_t kx = g * kGroup + c * 16;
-      SVDK_UNROLL for (int r = 0; r < RN; ++r) {
-        const __m256i b = _mm256_cvtepu8_epi32(
-            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * rs * (K / 2) + kb)));
-        const __m256 lo = _mm256_mul_ps(
-            _mm256_sub_ps(_mm256_castsi256_ps(_mm256_xor_si256(_mm256_and_si256(b, low4), magic)), offset), sv[r]);
-        const __m256 hi = _mm256_mul_ps(
-            _mm256_sub_ps(_mm256_castsi256_ps(_mm256_xor_si256(_mm256_srli_epi32(b, 4), magic)), offset), sv[r]);
+    SVDK_UNROLL for (int r = 0; r < RN; ++r) {
+      const __m256i b = _mm256_xor_si256(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * rs * (K / 2) + g * (kGroup / 2))), flip);
+      __m256 part[TM];
+      SVDK_UNROLL for (int h = 0; h < 2; ++h) {
+        __m256 f[4];
+        unpack_half_avx2(_mm256_and_si256(h == 0 ? b : _mm256_srli_epi16(b, 4), low4), f);
         SVDK_UNROLL for (int t = 0; t < TM; ++t) {
-          acc[r][t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + t * K + kx), acc[r][t]);
-          acc[r][t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + t * K + kx + 8), acc[r][t]);
+          const float* xg = x + t * K + g * kGroup + h * 32;
+          SVDK_UNROLL for (int v = 0; v < 4; ++v) {
+            part[t] = (h == 0 && v == 0) ? _mm256_mul_ps(f[0], _mm256_loadu_ps(xg))
+                                         : _mm256_fmadd_ps(f[v], _mm256_loadu_ps(xg + 8 * v), part[t]);
+          }
         }
       }
+      const __m256 sv = _mm256_set1_ps(to_float(s[r * rs * G + g]));
+      SVDK_UNROLL for (int t = 0; t < TM; ++t) acc[r][t] = _mm256_fmadd_ps(part[t], sv, acc[r][t]);
     }
   }
   SVDK_UNROLL for (int r = 0; r < RN; ++r) {
@@ -492,13 +455,14 @@ SVDK_AVX2 inline void tile_avx2_tm(const Args<T>& a, int64_t n0, int64_t rs, int
 
 template <typename T>
 SVDK_AVX2 void rows_avx2(const Args<T>& a, int64_t n_begin, int64_t n_end) {
-  // 2 rows x up to 4 tokens: 8 accumulators of the 16 ymm registers.
+  // 2 row streams x up to 4 tokens: 8 accumulators of the 16 ymm registers.
+  constexpr int64_t TM = 4;
   const int64_t q = (n_end - n_begin) / 2;  // see row_streams
   for (int64_t i = 0; i < q; ++i) {
-    for (int64_t m0 = 0; m0 < a.M; m0 += 4) tile_avx2_tm<T, 2>(a, n_begin + i, q, m0, std::min<int64_t>(4, a.M - m0));
+    for (int64_t m0 = 0; m0 < a.M; m0 += TM) tile_avx2_tm<T, 2>(a, n_begin + i, q, m0, std::min<int64_t>(TM, a.M - m0));
   }
   for (int64_t n = n_begin + 2 * q; n < n_end; ++n) {
-    for (int64_t m0 = 0; m0 < a.M; m0 += 4) tile_avx2_tm<T, 1>(a, n, 1, m0, std::min<int64_t>(4, a.M - m0));
+    for (int64_t m0 = 0; m0 < a.M; m0 += TM) tile_avx2_tm<T, 1>(a, n, 1, m0, std::min<int64_t>(TM, a.M - m0));
   }
 }
 #endif  // SVDK_X86
@@ -659,7 +623,13 @@ at::Tensor lowrank_w4a16_linear(
     deinterleave(reinterpret_cast<const uint16_t*>(x16.data_ptr()), reinterpret_cast<uint16_t*>(xb.data_ptr()), M, K, 32);
   } else if (isa != kIsaGeneric) {
     xp = at::empty_like(x32);
-    deinterleave(x32.data_ptr<float>(), xp.data_ptr<float>(), M, K, isa == kIsaAvx512 ? 16 : 8);
+    if (isa == kIsaAvx512) {
+      deinterleave(x32.data_ptr<float>(), xp.data_ptr<float>(), M, K, 16);
+    } else {
+#if SVDK_X86
+      permute_avx2(x32.data_ptr<float>(), xp.data_ptr<float>(), M, K);
+#endif
+    }
   }
   at::Tensor u = at::empty({M, R}, x32.options());
 

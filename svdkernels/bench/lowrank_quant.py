@@ -11,6 +11,12 @@ each workload, in the same run:
 - peers: ``F.linear`` with the dequantised weight (``deq(R) + L_up·L_down``) in
   float32 and in bfloat16, and ``torch.ops.aten._weight_int4pack_mm_for_cpu``
   (bfloat16 activations, the same int4 residual and scales, no low-rank branch);
+- ours W4A4: ``lowrank_quantize_act`` + ``lowrank_w4a4_gemm`` (int4 activations,
+  the same weight; its error includes the activations' int4 rounding), whose
+  target is at most 1.2x the W4A16 row's time;
+- ours on each SIMD instruction-set path the C++ kernel has on this CPU (forced
+  with the internal op's ``isa``), with the bytes per second it reaches against
+  the measured streaming bandwidth (a sum over 256 MiB);
 - a roofline line: the packed weight, scales, branch and activations read once,
   ``2·M·N·K + 2·M·r·(N + K)`` float32 FLOPs.
 
@@ -37,7 +43,14 @@ import torch.nn.functional as F
 
 from svdkernels.backends import select_backend
 from svdkernels.bench import Row, device_peaks, register, roofline, roofline_row, table_peaks, time_fn
-from svdkernels.quant import dequantize_weight, lowrank_w4a16_linear, quantize_weight, unpack_int4
+from svdkernels.quant import (
+    dequantize_weight,
+    lowrank_quantize_act,
+    lowrank_w4a4_gemm,
+    lowrank_w4a16_linear,
+    quantize_weight,
+    unpack_int4,
+)
 
 CPU = torch.device("cpu")
 COLD_BYTES = 256 * 2**20
@@ -144,6 +157,24 @@ def _run_op(x: torch.Tensor, qweight, scales, L_down, L_up) -> torch.Tensor:
     return torch.ops.svdkernels.lowrank_w4a16_linear(x, qweight, scales, L_down, L_up, None)
 
 
+def _w4a4(lay: Layer) -> tuple[torch.Tensor, ...]:
+    # No smoothing in this layer (λ = 1): the branch and residual as for W4A16.
+    smooth = torch.ones(lay.L_down.shape[1], dtype=torch.bfloat16)
+    return (lay.qweight, lay.scales.bfloat16(), smooth, lay.L_down.bfloat16(), lay.L_up.bfloat16())
+
+
+def _run_w4a4(x: torch.Tensor, qweight, scales, smooth, L_down, L_up) -> torch.Tensor:
+    xq, xscale, act = lowrank_quantize_act(x, smooth, L_down)
+    return lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act=act, L_up=L_up)
+
+
+def _run_isa(isa: int) -> Callable[..., torch.Tensor]:
+    def run(x: torch.Tensor, qweight, scales, L_down, L_up) -> torch.Tensor:
+        return torch.ops.svdkernels._cpp_lowrank_w4a16_linear(x, qweight, scales, L_down, L_up, None, isa)
+
+    return run
+
+
 def _dense(dtype: torch.dtype) -> Callable[[Layer], tuple[torch.Tensor, ...]]:
     def prepare(lay: Layer) -> tuple[torch.Tensor, ...]:
         return ((lay.residual() + lay.L_up @ lay.L_down).to(dtype),)
@@ -177,6 +208,8 @@ METHODS = (
            note="same call via the custom-op layer (what the eager fast path skips)"),
     Method("ours without branch", "bare", _ours(torch.bfloat16, False), _run_ours, torch.bfloat16, branch=False,
            note="bf16 act, int4, r=0"),
+    Method("ours W4A4", "peer", _w4a4, _run_w4a4, torch.bfloat16,
+           note="lowrank_quantize_act + lowrank_w4a4_gemm, bf16 act quantised to int4 (error includes that)"),
     Method("F.linear fp32", "peer", _dense(torch.float32), _run_dense, torch.float32, note="dequantised weight"),
     Method("F.linear bf16", "peer", _dense(torch.bfloat16), _run_dense, torch.bfloat16, note="dequantised weight"),
     Method("_weight_int4pack_mm_for_cpu", "peer", _int4pack, _run_int4pack, torch.bfloat16, branch=False,
@@ -222,6 +255,16 @@ def cost(wl: Workload) -> tuple[float, dict[torch.dtype, float]]:
 ISA_NAMES = ("portable C++", "AVX2", "AVX-512", "AVX-512 + BF16 dot products")
 
 
+def isa_methods() -> list[Method]:
+    """Ours (bfloat16 activations, r32) forced onto each SIMD path of the C++ kernel
+    this CPU runs (the portable loop is left out: a scalar fallback, 10x slower)."""
+    if select_backend("lowrank_w4a16_linear", CPU, has_cpp=True) != "cpp":
+        return []
+    return [Method(f"ours, {ISA_NAMES[isa]} path", "bare", _ours(torch.bfloat16, True), _run_isa(isa),
+                   torch.bfloat16, note=f"isa={isa}, bf16 act, int4 + r32")
+            for isa in range(1, torch.ops.svdkernels._cpp_best_isa() + 1)]
+
+
 def backend_note() -> str:
     """Which backend (and C++ instruction set) ours runs on here."""
     name = select_backend("lowrank_w4a16_linear", CPU, has_cpp=True)
@@ -236,7 +279,9 @@ LEGEND = (
     "arithmetic, not the quantisation error.\n"
     "Cold weights: each call reads another copy of its weights (copies >= 256 MiB in all, 16 MiB with --quick), "
     "as decoding does. "
-    "Targets (issue 4): >= 3x faster than F.linear fp32 at 1 token; within 1.3x of _weight_int4pack_mm_for_cpu."
+    "Targets (issues 4, 19): >= 3x faster than F.linear fp32 at 1 token; within 1.3x of "
+    "_weight_int4pack_mm_for_cpu; on AVX2-only CPUs too (the AVX2 path row; torch's peers follow "
+    "ATEN_CPU_CAPABILITY / MKL_ENABLE_INSTRUCTIONS). Ours W4A4 (issue 19): at most 1.2x ours' time."
 )
 
 
@@ -261,8 +306,13 @@ def bench_lowrank_quant(quick: bool, repeats: int) -> Iterator[Row | str]:
 
         rows = [measure(m, wl, lay, x32, exact_fn, cold, repeats) for m in METHODS]
         rows[0].note = f"{backend_note()}; {rows[0].note}"
-        yield from rows
         bytes_moved, flops = cost(wl)
+        for row in rows[:1] + [measure(m, wl, lay, x32, exact_fn, cold, repeats) for m in isa_methods()]:
+            rate = bytes_moved / (row.time_ms / 1e3)
+            row.note += f"; {rate / 1e9:.2f} GB/s = {rate / peaks.bandwidth:.2f}x the measured stream"
+            if row is not rows[0]:
+                rows.append(row)
+        yield from rows
         yield roofline_row(wl.name, rows[0].time_ms / 1e3, bytes_moved, flops, peaks,
                            what="int4 weight + bf16 scales and branch, read from DRAM")
         yield gpu_roofline_row(wl, bytes_moved, flops)

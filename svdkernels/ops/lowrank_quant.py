@@ -13,7 +13,8 @@ run all three ops on the Triton kernels of ``svdkernels/triton/lowrank_quant.py`
 ``use_backend("triton")`` under ``TRITON_INTERPRET=1``); on the CPU
 ``lowrank_w4a16_linear`` runs a C++ kernel (``csrc/cpu/lowrank_quant.cpp``, the
 internal op ``torch.ops.svdkernels._cpp_lowrank_w4a16_linear``) when
-``svdkernels._C`` is built, and everything else the reference.
+``svdkernels._C`` is built, and so do the W4A4 pair (``csrc/cpu/lowrank_w4a4.cpp``:
+``_cpp_lowrank_quantize_act``, ``_cpp_lowrank_w4a4_gemm``); without it, the reference.
 
 Every backend accumulates in float32 and is deterministic (no atomics).
 """
@@ -282,19 +283,13 @@ def _dispatch_w4a16(
     backend = select_backend("lowrank_w4a16_linear", x.device, has_cpp=True)
     if backend == "cpp":
         if x.dim() == 2:
-            return _cpp_w4a16()(x, qweight, scales, L_down, L_up, bias, -1)
+            return _cpp_op("_cpp_lowrank_w4a16_linear")(x, qweight, scales, L_down, L_up, bias, -1)
         x2 = x.reshape(-1, x.shape[-1])  # a view for any x with a row-major last dim
-        y = _cpp_w4a16()(x2, qweight, scales, L_down, L_up, bias, -1)
+        y = _cpp_op("_cpp_lowrank_w4a16_linear")(x2, qweight, scales, L_down, L_up, bias, -1)
         return y.reshape(*x.shape[:-1], qweight.shape[0])
     if backend == "triton":
         return _triton().lowrank_w4a16_linear(x, qweight, scales, L_down, L_up, bias)
     return reference.lowrank_w4a16_linear(x, qweight, scales, L_down, L_up, bias)
-
-
-@functools.cache
-def _cpp_w4a16() -> Callable[..., torch.Tensor]:
-    """``torch.ops.svdkernels._cpp_lowrank_w4a16_linear.default`` (exists once svdkernels._C is imported)."""
-    return torch.ops.svdkernels._cpp_lowrank_w4a16_linear.default
 
 
 @_w4a16_dispatch_op.register_fake
@@ -390,8 +385,21 @@ def _quantize_act_dispatch_op(
     x: torch.Tensor, smooth: torch.Tensor, L_down: torch.Tensor, unsigned: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Opaque to tracing: every backend of ``lowrank_quantize_act`` (inputs validated)."""
+    return _dispatch_quantize_act(x, smooth, L_down, unsigned)
+
+
+def _dispatch_quantize_act(
+    x: torch.Tensor, smooth: torch.Tensor, L_down: torch.Tensor, unsigned: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Choose the backend of ``lowrank_quantize_act`` and run it (inputs validated)."""
     check_smooth_values(smooth)
-    if select_backend("lowrank_quantize_act", x.device) == "triton":
+    backend = select_backend("lowrank_quantize_act", x.device, has_cpp=True)
+    if backend == "cpp":
+        K = x.shape[-1]
+        xq, xscale, act = _cpp_op("_cpp_lowrank_quantize_act")(x.reshape(-1, K), smooth, L_down, unsigned, -1)
+        lead = x.shape[:-1]
+        return xq.reshape(*lead, K // 2), xscale.reshape(*lead, K // GROUP_SIZE), act.reshape(*lead, act.shape[-1])
+    if backend == "triton":
         return _triton().lowrank_quantize_act(x, smooth, L_down, unsigned)
     return reference.lowrank_quantize_act(x, smooth, L_down, unsigned)
 
@@ -403,7 +411,7 @@ def lowrank_quantize_act_op(
     """``torch.ops.svdkernels.lowrank_quantize_act``; see :func:`lowrank_quantize_act`
     (a ``triton_op`` like ``lowrank_w4a16_linear``)."""
     validate_quantize_act(x, smooth, L_down)
-    if traced_triton("lowrank_quantize_act", x.device):
+    if traced_triton("lowrank_quantize_act", x.device, has_cpp=True):
         check_smooth_values(smooth)
         return _triton().lowrank_quantize_act(x, smooth, L_down, unsigned)
     return torch.ops.svdkernels._lowrank_quantize_act_dispatch(x, smooth, L_down, unsigned)
@@ -444,6 +452,10 @@ def lowrank_quantize_act(
     validate_quantize_act(x, smooth, L_down)
     if not isinstance(unsigned, bool):
         raise TypeError(f"unsigned: expected a bool, got {type(unsigned).__name__}")
+    if not torch.compiler.is_compiling():
+        # Eager fast path without the custom-op layer (as lowrank_w4a16_linear's; the
+        # W4A4 ops have no autograd).
+        return _dispatch_quantize_act(x, smooth, L_down, unsigned)
     return torch.ops.svdkernels.lowrank_quantize_act(x, smooth, L_down, unsigned)
 
 
@@ -463,9 +475,37 @@ def _w4a4_dispatch_op(
     unsigned: bool,
 ) -> torch.Tensor:
     """Opaque to tracing: every backend of ``lowrank_w4a4_gemm`` (inputs validated)."""
-    if select_backend("lowrank_w4a4_gemm", xq.device) == "triton":
+    return _dispatch_w4a4(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
+
+
+def _dispatch_w4a4(
+    xq: torch.Tensor,
+    xscale: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    lowrank_act: torch.Tensor,
+    L_up: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    unsigned: bool,
+) -> torch.Tensor:
+    """Choose the backend of ``lowrank_w4a4_gemm`` and run it (inputs validated)."""
+    backend = select_backend("lowrank_w4a4_gemm", xq.device, has_cpp=True)
+    if backend == "cpp":
+        lead = xq.shape[:-1]
+        M = lead.numel()  # not reshape(-1, r): r may be 0
+        y = _cpp_op("_cpp_lowrank_w4a4_gemm")(
+            xq.reshape(M, xq.shape[-1]), xscale.reshape(M, xscale.shape[-1]), qweight, scales,
+            lowrank_act.reshape(M, lowrank_act.shape[-1]), L_up, bias, unsigned, -1)
+        return y.reshape(*lead, qweight.shape[0])
+    if backend == "triton":
         return _triton().lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
     return reference.lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
+
+
+@functools.cache
+def _cpp_op(name: str) -> Callable[..., torch.Tensor]:
+    """``torch.ops.svdkernels.<name>.default`` (the C++ ops exist once svdkernels._C is imported)."""
+    return getattr(torch.ops.svdkernels, name).default
 
 
 @triton_op("svdkernels::lowrank_w4a4_gemm", mutates_args=())
@@ -482,7 +522,7 @@ def lowrank_w4a4_gemm_op(
     """``torch.ops.svdkernels.lowrank_w4a4_gemm``; see :func:`lowrank_w4a4_gemm`
     (a ``triton_op`` like ``lowrank_w4a16_linear``)."""
     validate_w4a4(xq, xscale, qweight, scales, lowrank_act, L_up, bias)
-    if traced_triton("lowrank_w4a4_gemm", xq.device):
+    if traced_triton("lowrank_w4a4_gemm", xq.device, has_cpp=True):
         return _triton().lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
     return torch.ops.svdkernels._lowrank_w4a4_gemm_dispatch(
         xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
@@ -533,4 +573,6 @@ def lowrank_w4a4_gemm(
     validate_w4a4(xq, xscale, qweight, scales, lowrank_act, L_up, bias)
     if not isinstance(unsigned, bool):
         raise TypeError(f"unsigned: expected a bool, got {type(unsigned).__name__}")
+    if not torch.compiler.is_compiling():
+        return _dispatch_w4a4(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
     return torch.ops.svdkernels.lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)

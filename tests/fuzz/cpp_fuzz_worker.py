@@ -1,4 +1,5 @@
-"""Run in a subprocess by test_fuzz_cpp.py: fuzz the C++ W4A16 kernel (svdkernels._C).
+"""Run in a subprocess by test_fuzz_cpp.py: fuzz the C++ W4A16 kernel and the W4A4
+pair (svdkernels._C).
 
 A crash (segfault, abort, an OpenMP or ISA fault) kills this process, not the test
 run; the parent then fails with the exit status. Writes ``{"counts", "results",
@@ -19,6 +20,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import svdkernels  # noqa: E402
 import svdkernels._C  # noqa: E402,F401 - registers the C++ ops
+import svdkernels.reference.lowrank_quant  # noqa: E402,F401
 from fuzz_support import COUNTS, FLOAT_DTYPES, RESULTS, fuzz, run_case, values  # noqa: E402
 from svdkernels.quant import quantize_weight  # noqa: E402
 
@@ -35,10 +37,11 @@ def operands(draw, consistent: bool):
     K = 64 * draw(st.integers(1, 3))
     r = 16 * draw(st.integers(0, 2))
     dtype = draw(st.sampled_from(FLOAT_DTYPES))
-    W, _ = draw(values((N, K), torch.float32, special=False, magnitudes=(1.0, 1e-3, 1e3)))
-    qw, s = quantize_weight(W, dtype=dtype)
-    # float16 tops out at 65504: inputs of 1e3 over K = 192 would overflow the exact result itself.
+    # float16 tops out at 65504: weights or inputs of 1e3 over K = 192 would overflow
+    # the exact result itself (a weight of 1e3 did: 8.0e4 from one group of 64).
     mags = (1.0, 1e-3) if dtype == torch.float16 else (1.0, 1e-3, 1e3)
+    W, _ = draw(values((N, K), torch.float32, special=False, magnitudes=mags))
+    qw, s = quantize_weight(W, dtype=dtype)
     x, finite = draw(values((M, K), dtype, special=draw(st.integers(0, 5)) == 0, magnitudes=mags))
     Ld, Lu = torch.randn(r, K, dtype=dtype) / 8, torch.randn(N, r, dtype=dtype) / 8
     bias = torch.randn(N, dtype=dtype) if draw(st.booleans()) else None
@@ -97,9 +100,55 @@ def internal_op_validates(case):
              finite_input=finite)
 
 
+@st.composite
+def w4a4_operands(draw):
+    M, N = draw(st.integers(0, 17)), draw(st.integers(1, 40))
+    K, r = 64 * draw(st.integers(1, 10)), 16 * draw(st.integers(0, 2))  # 1 to 10 groups: tails of the block of 8
+    dtype, unsigned = draw(st.sampled_from(FLOAT_DTYPES)), draw(st.booleans())
+    x, finite = draw(values((M, K), dtype, special=draw(st.integers(0, 5)) == 0, magnitudes=(1.0, 1e-3, 1e2)))
+    if unsigned:
+        x = x.clamp(min=-0.171875)
+    smooth = torch.rand(K, generator=torch.Generator().manual_seed(M * K + r)) + 0.25
+    W, _ = draw(values((N, K), torch.float32, special=False, magnitudes=(1.0,)))
+    qw, s = (t.contiguous() for t in quantize_weight(W, dtype=dtype))  # W may be strided
+    Ld, Lu = torch.randn(r, K, dtype=dtype) / 8, torch.randn(N, r, dtype=dtype) / 8
+    bias = torch.randn(N, dtype=dtype) if draw(st.booleans()) else None
+    isa = draw(st.integers(-1, torch.ops.svdkernels._cpp_best_isa()))
+    return x, smooth, qw, s, Ld, Lu, bias, unsigned, isa, finite
+
+
+@fuzz(40)
+@given(w4a4_operands())
+def w4a4_pair_matches_reference(case):
+    """The C++ W4A4 pair (any isa) against the reference: xq and xscale identical
+    (NaN scales where the reference has them), the down projection and the GEMM to
+    float32 rounding plus one rounding to the dtype."""
+    x, smooth, qw, s, Ld, Lu, bias, unsigned, isa, finite = case
+    out = run_case("_cpp_lowrank_quantize_act",
+                   lambda: torch.ops.svdkernels._cpp_lowrank_quantize_act(x, smooth, Ld, unsigned, isa),
+                   ["x", "smooth", "L_down", "isa"], finite_input=finite)
+    if not out.ok:
+        return
+    xq, xs, act = out.value
+    want = svdkernels.reference.lowrank_quant.lowrank_quantize_act(x, smooth, Ld, unsigned)
+    if finite:  # an infinity's codes are whatever NaN -> int16 gives in torch
+        assert torch.equal(xq, want[0]), "xq differs from the reference"
+    assert torch.equal(xs.isnan(), want[1].isnan()) and torch.equal(xs.nan_to_num(), want[1].nan_to_num())
+    if not finite:
+        return
+    torch.testing.assert_close(act, want[2], rtol=1e-5, atol=1e-5 * (float(want[2].abs().max()) + 1 if act.numel() else 1))
+    y = run_case("_cpp_lowrank_w4a4_gemm",
+                 lambda: torch.ops.svdkernels._cpp_lowrank_w4a4_gemm(xq, xs, qw, s, act, Lu, bias, unsigned, isa),
+                 ["xq", "xscale", "qweight", "scales", "lowrank_act", "L_up", "bias", "isa"], finite_input=True)
+    assert y.ok, f"consistent operands rejected: {y.error}"
+    ref = svdkernels.reference.lowrank_quant.lowrank_w4a4_gemm(xq, xs, qw, s, act, Lu, bias, unsigned)
+    err = float((y.value.float() - ref.float()).abs().max()) if ref.numel() else 0.0
+    assert err <= TOL[x.dtype] * (float(ref.float().abs().max()) + 1 if ref.numel() else 1), err
+
+
 def main(out_path: str) -> int:
     failures = []
-    for test in (public_op_matches_reference, internal_op_validates):
+    for test in (public_op_matches_reference, internal_op_validates, w4a4_pair_matches_reference):
         try:
             test()
         except Exception:  # noqa: BLE001 - reported to the parent

@@ -1,0 +1,474 @@
+// SVDQuant W4A4 (Li et al. 2024) on the CPU: the activation quantiser with the
+// fused low-rank down projection, and the int4 x int4 GEMM with the low-rank
+// epilogue (the C++ backend of svdkernels::lowrank_quantize_act and
+// svdkernels::lowrank_w4a4_gemm; the math is svdkernels/reference/lowrank_quant.py,
+// the formats svdkernels/formats/int4.py):
+//
+//   quantize:  xq, xscale = Q(x/λ) per token and group of 64 (absmax/7, or max/15
+//              for unsigned (x + 0.171875)/λ);  lowrank_act [M, r] = x·L_downᵀ
+//   gemm:      y [M, N] = Σ_g (Σ_{k∈g} qx_k·qw_k)·(xscale[m,g]·scale[n,g])
+//                         + lowrank_act·L_upᵀ + bias
+//
+// Exactness. The quantiser does the reference's float32 operations in the same
+// order (add, divide, absmax, divide, round half to even), so xq and xscale are
+// bit-identical to svdkernels.quant.quantize_act on every path. The GEMM's integer
+// group sums are exact, and the sum over groups is the reference's float32
+// sequence (y += sum·(xscale·scale), group by group): with no low-rank branch and
+// no bias the output is bit-identical to the reference; the low-rank dot and the
+// bias then add in float32 as in the W4A16 kernel (rounding-order differences).
+//
+// Paths (the `isa` argument, as lowrank_w4a16_linear's):
+//   - portable C++ (isa 0): scalar integer dot products;
+//   - AVX2 (isa >= 1): the weight's nibbles become unsigned bytes qw+8 (one xor with
+//     0x88 flips both sign bits) and meet the de-interleaved int8 activations in
+//     vpmaddubsw (u8·s8 pairs; |sum of 4 products| <= 900 never saturates int16),
+//     vpmaddwd sums to int32 lanes; 8 groups' lane vectors reduce together with
+//     vphaddd, and the offset is removed exactly: Σ(qw+8)·qx - 8·Σqx.
+//   No AVX-512/VNNI code yet: isa 2 and 3 run the AVX2 code (a VNNI path needs a
+//   CPU with vpdpbusd to be tested on).
+//
+// Determinism: each output element is the same sequence of operations whatever the
+// thread count, the row blocking and the number of tokens in the call.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "lowrank_quant.h"
+#include "quant_simd.h"
+
+namespace svdkernels {
+namespace cpu {
+namespace {
+
+constexpr int64_t kGroup = 64;
+constexpr int64_t kRowBlock = 16;  // rows per parallel work item
+constexpr float kUnsignedShift = 0.171875f;  // svdkernels.formats.int4.UNSIGNED_SHIFT
+
+// ---------------------------------------------------------------------------
+// Activation quantiser (scalar IEEE operations: identical on every path)
+
+// One token: x32 [K] float32, smooth [K] float32 -> xq [K/2], xscale [K/64].
+void quantize_token(const float* x32, const float* smooth, bool is_unsigned, int64_t K, uint8_t* xq, float* xscale) {
+  const float qmin = is_unsigned ? 0.f : -8.f, qmax = is_unsigned ? 15.f : 7.f;
+  float v[kGroup];
+  for (int64_t g = 0; g < K / kGroup; ++g) {
+    float amax = 0.f;
+    bool nan = false;
+    for (int64_t j = 0; j < kGroup; ++j) {
+      const int64_t k = g * kGroup + j;
+      float t = x32[k];
+      if (is_unsigned) t = t + kUnsignedShift;  // shifted before the division, as the reference
+      t = t / smooth[k];
+      if (is_unsigned && t < 0.f) t = 0.f;  // clamp(min=0); NaN stays NaN
+      v[j] = t;
+      const float a = is_unsigned ? t : std::fabs(t);
+      if (a != a) {
+        nan = true;
+      } else if (a > amax) {
+        amax = a;
+      }
+    }
+    // torch's amax propagates NaN; a NaN scale then quantises the group to 0.
+    const float s = nan ? std::numeric_limits<float>::quiet_NaN() : amax / (is_unsigned ? 15.f : 7.f);
+    xscale[g] = s;
+    for (int64_t j = 0; j < kGroup; j += 2) {
+      int q[2] = {0, 0};
+      for (int i = 0; i < 2; ++i) {
+        if (s > 0.f) {
+          // Half to even, as torch.round: |v/s| <= 15·(1 + ε) < 2^22, where adding
+          // and subtracting 1.5·2^23 rounds to an integer in the default mode.
+          const float r = (v[j + i] / s + 12582912.f) - 12582912.f;
+          if (r == r) q[i] = static_cast<int>(std::min(std::max(r, qmin), qmax));
+        }
+      }
+      xq[(g * kGroup + j) / 2] = static_cast<uint8_t>((q[0] & 15) | ((q[1] & 15) << 4));
+    }
+  }
+}
+
+template <typename T>
+float dot_isa(int64_t isa, const float* a, const T* b, int64_t n) {
+#if SVDK_X86
+  if (isa >= kIsaAvx2) return dot_avx2(a, b, n);
+#endif
+  return dot_generic(a, b, n);
+}
+
+// ---------------------------------------------------------------------------
+// GEMM
+
+template <typename T>
+struct GemmArgs {
+  int64_t M, N, K, R, G, G8;  // G8: groups rounded up to a multiple of 8
+  const int8_t* xs8;          // [M, G8·64] int8: per group [32 even k | 32 odd k]
+  const int32_t* xcorr;       // [M, G8] 8·Σ qx per group (the AVX2 offset)
+  const float* xscale;        // [M, G8], zero-padded
+  const uint8_t* qw;          // [N, K/2]
+  const T* scales;            // [N, G]
+  const float* la;            // [M, R] lowrank_act
+  const T* L_up;              // [N, R]
+  const T* bias;              // [N] or nullptr
+  T* y;                       // [M, N]
+};
+
+// The epilogue shared by every path: y = main + lowrank + bias, rounded once.
+template <typename T>
+inline void store(const GemmArgs<T>& a, int64_t isa, int64_t m, int64_t n, float main) {
+  float v = main;
+  if (a.R > 0) v = v + dot_isa(isa, a.la + m * a.R, a.L_up + n * a.R, a.R);
+  if (a.bias) v = v + to_float(a.bias[n]);
+  a.y[m * a.N + n] = static_cast<T>(v);
+}
+
+template <typename T>
+void rows_generic(const GemmArgs<T>& a, const float* ws, int64_t n) {
+  const uint8_t* w = a.qw + n * (a.K / 2);
+  for (int64_t m = 0; m < a.M; ++m) {
+    const int8_t* x = a.xs8 + m * a.G8 * kGroup;
+    float y = 0.f;
+    for (int64_t g = 0; g < a.G; ++g) {
+      int32_t s = 0;
+      for (int64_t j = 0; j < kGroup / 2; ++j) {
+        const int b = w[g * (kGroup / 2) + j];
+        s += (((b & 15) ^ 8) - 8) * x[g * kGroup + j] + (((b >> 4) ^ 8) - 8) * x[g * kGroup + kGroup / 2 + j];
+      }
+      y += static_cast<float>(s) * (a.xscale[m * a.G8 + g] * ws[g]);
+    }
+    store(a, kIsaGeneric, m, n, y);
+  }
+}
+
+#if SVDK_X86
+// [s0..s7]: the int32 lane sums of v[0..7] (8 groups reduced together).
+SVDK_AVX2 inline __m256i reduce8(const __m256i* v) {
+  const __m256i h01 = _mm256_hadd_epi32(v[0], v[1]), h23 = _mm256_hadd_epi32(v[2], v[3]);
+  const __m256i h45 = _mm256_hadd_epi32(v[4], v[5]), h67 = _mm256_hadd_epi32(v[6], v[7]);
+  const __m256i h0123 = _mm256_hadd_epi32(h01, h23), h4567 = _mm256_hadd_epi32(h45, h67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(h0123, h4567, 0x20),
+                          _mm256_permute2x128_si256(h0123, h4567, 0x31));
+}
+
+// One row x TM tokens (m0 ..), the whole K.
+template <typename T, int TM>
+SVDK_AVX2 inline void tile_avx2(const GemmArgs<T>& a, const float* ws, int64_t n, int64_t m0) {
+  const __m256i low4 = _mm256_set1_epi8(15), flip = _mm256_set1_epi8(static_cast<char>(0x88));
+  const __m256i ones = _mm256_set1_epi16(1);
+  const uint8_t* w = a.qw + n * (a.K / 2);
+  const int64_t xrow = a.G8 * kGroup;
+  float y[TM];
+  SVDK_UNROLL for (int t = 0; t < TM; ++t) y[t] = 0.f;
+  for (int64_t gb = 0; gb < a.G8; gb += 8) {
+    const int64_t ng = std::min<int64_t>(8, a.G - gb);
+    __m256i part[TM][8];
+    SVDK_UNROLL for (int j = 0; j < 8; ++j) {
+      if (j < ng) {
+        const int64_t g = gb + j;
+        const __m256i b = _mm256_xor_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * (kGroup / 2))), flip);
+        const __m256i lo = _mm256_and_si256(b, low4);                          // qw+8 of even k
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);    // qw+8 of odd k
+        SVDK_UNROLL for (int t = 0; t < TM; ++t) {
+          const int8_t* x = a.xs8 + (m0 + t) * xrow + g * kGroup;
+          const __m256i p = _mm256_add_epi16(
+              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + kGroup / 2))));
+          part[t][j] = _mm256_madd_epi16(p, ones);
+        }
+      } else {
+        SVDK_UNROLL for (int t = 0; t < TM; ++t) part[t][j] = _mm256_setzero_si256();
+      }
+    }
+    const __m256 wsv = _mm256_loadu_ps(ws + gb);
+    SVDK_UNROLL for (int t = 0; t < TM; ++t) {
+      const int64_t m = m0 + t;
+      const __m256i sums = _mm256_sub_epi32(
+          reduce8(part[t]), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xcorr + m * a.G8 + gb)));
+      // The reference's per-group float32 terms: sum·(xscale·scale).
+      const __m256 term =
+          _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(_mm256_loadu_ps(a.xscale + m * a.G8 + gb), wsv));
+      alignas(32) float tv[8];
+      _mm256_store_ps(tv, term);
+      for (int64_t j = 0; j < ng; ++j) y[t] += tv[j];  // group by group, in order
+    }
+  }
+  SVDK_UNROLL for (int t = 0; t < TM; ++t) store(a, kIsaAvx2, m0 + t, n, y[t]);
+}
+
+template <typename T>
+SVDK_AVX2 void row_avx2(const GemmArgs<T>& a, const float* ws, int64_t n) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= a.M; m0 += 4) tile_avx2<T, 4>(a, ws, n, m0);
+  switch (a.M - m0) {
+    case 3: tile_avx2<T, 3>(a, ws, n, m0); break;
+    case 2: tile_avx2<T, 2>(a, ws, n, m0); break;
+    case 1: tile_avx2<T, 1>(a, ws, n, m0); break;
+    default: break;
+  }
+}
+#endif  // SVDK_X86
+
+template <typename T>
+void run_gemm(int64_t isa, const GemmArgs<T>& a) {
+  const int64_t blocks = (a.N + kRowBlock - 1) / kRowBlock;
+  const int64_t grain = std::max<int64_t>(1, 65536 / (kRowBlock * (a.K / 2) * std::max<int64_t>(1, a.M / 4)));
+  at::parallel_for(0, blocks, grain, [&](int64_t bb, int64_t be) {
+    std::vector<float> ws(a.G8, 0.f);  // this row's scales in float32, zero-padded
+    for (int64_t n = bb * kRowBlock; n < std::min(a.N, be * kRowBlock); ++n) {
+      for (int64_t g = 0; g < a.G; ++g) ws[g] = to_float(a.scales[n * a.G + g]);
+#if SVDK_X86
+      if (isa >= kIsaAvx2) {
+        row_avx2(a, ws.data(), n);
+        continue;
+      }
+#endif
+      rows_generic(a, ws.data(), n);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Checks shared by the CPU and Meta kernels (the Python ops validate with their
+// own messages; these keep a direct call of the internal ops memory-safe).
+
+void check_device(const at::Tensor& t, const char* name, c10::DeviceType device) {
+  TORCH_CHECK_VALUE(t.device().type() == device, name, ": expected a tensor on ",
+                    c10::DeviceTypeName(device, /*lower_case=*/true), " like the other arguments, got ", t.device());
+}
+
+void check_float_dtype(const at::Tensor& t, const char* name) {
+  const auto d = t.scalar_type();
+  TORCH_CHECK_TYPE(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, name,
+                   ": expected dtype float32, float16 or bfloat16, got ", d);
+}
+
+void check_2d(const at::Tensor& t, const char* name, at::IntArrayRef shape, bool contiguous = true) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+  if (contiguous) TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor");
+}
+
+void check_quantize(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& L_down, c10::DeviceType dev) {
+  check_float_dtype(x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected shape [M, K] (2-D), got ", x.sizes());
+  const int64_t K = x.size(1);
+  TORCH_CHECK_VALUE(K > 0 && K % kGroup == 0, "x: expected K a positive multiple of 64, got K = ", K);
+  check_float_dtype(smooth, "smooth");
+  TORCH_CHECK_VALUE(smooth.sizes() == at::IntArrayRef({K}), "smooth: expected shape [K] = [", K, "], got ",
+                    smooth.sizes());
+  TORCH_CHECK_VALUE(L_down.dim() == 2 && L_down.size(1) == K && L_down.size(0) % 16 == 0,
+                    "L_down: expected shape [r, K] with K = ", K, " and r a multiple of 16, got ", L_down.sizes());
+  TORCH_CHECK_TYPE(L_down.scalar_type() == x.scalar_type(), "L_down: expected dtype ", x.scalar_type(),
+                   " (that of x), got ", L_down.scalar_type());
+  TORCH_CHECK_VALUE(L_down.is_contiguous(), "L_down: expected a contiguous tensor");
+  check_device(x, "x", dev);
+  check_device(smooth, "smooth", dev);
+  check_device(L_down, "L_down", dev);
+}
+
+void check_gemm(const at::Tensor& xq, const at::Tensor& xscale, const at::Tensor& qweight, const at::Tensor& scales,
+                const at::Tensor& lowrank_act, const at::Tensor& L_up, const std::optional<at::Tensor>& bias,
+                c10::DeviceType dev) {
+  TORCH_CHECK_TYPE(xq.scalar_type() == at::kByte, "xq: expected dtype uint8, got ", xq.scalar_type());
+  TORCH_CHECK_VALUE(xq.dim() == 2, "xq: expected shape [M, K/2] (2-D), got ", xq.sizes());
+  const int64_t M = xq.size(0), K = 2 * xq.size(1);
+  TORCH_CHECK_VALUE(K > 0 && K % kGroup == 0, "xq: expected K = 2·xq.shape[1] a positive multiple of 64, got K = ",
+                    K);
+  TORCH_CHECK_TYPE(xscale.scalar_type() == at::kFloat, "xscale: expected dtype float32, got ", xscale.scalar_type());
+  check_2d(xscale, "xscale", {M, K / kGroup}, /*contiguous=*/false);
+  TORCH_CHECK_TYPE(qweight.scalar_type() == at::kByte, "qweight: expected dtype uint8, got ", qweight.scalar_type());
+  TORCH_CHECK_VALUE(qweight.dim() == 2, "qweight: expected shape [N, K/2] (2-D), got ", qweight.sizes());
+  const int64_t N = qweight.size(0);
+  check_2d(qweight, "qweight", {N, K / 2});
+  check_float_dtype(scales, "scales");
+  const auto dtype = scales.scalar_type();
+  check_2d(scales, "scales", {N, K / kGroup});
+  TORCH_CHECK_TYPE(lowrank_act.scalar_type() == at::kFloat, "lowrank_act: expected dtype float32, got ",
+                   lowrank_act.scalar_type());
+  TORCH_CHECK_VALUE(lowrank_act.dim() == 2 && lowrank_act.size(0) == M && lowrank_act.size(1) % 16 == 0,
+                    "lowrank_act: expected shape [M, r] with M = ", M, " and r a multiple of 16, got ",
+                    lowrank_act.sizes());
+  const int64_t R = lowrank_act.size(1);
+  TORCH_CHECK_TYPE(L_up.scalar_type() == dtype, "L_up: expected dtype ", dtype, " (that of scales), got ",
+                   L_up.scalar_type());
+  check_2d(L_up, "L_up", {N, R});
+  if (bias.has_value()) {
+    TORCH_CHECK_TYPE(bias->scalar_type() == dtype, "bias: expected dtype ", dtype, " (that of scales), got ",
+                     bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->sizes() == at::IntArrayRef({N}), "bias: expected shape [N] = [", N, "], got ",
+                      bias->sizes());
+    TORCH_CHECK_VALUE(bias->is_contiguous(), "bias: expected a contiguous tensor");
+    check_device(*bias, "bias", dev);
+  }
+  const char* names[] = {"xq", "xscale", "qweight", "scales", "lowrank_act", "L_up"};
+  const at::Tensor* ts[] = {&xq, &xscale, &qweight, &scales, &lowrank_act, &L_up};
+  for (int i = 0; i < 6; ++i) check_device(*ts[i], names[i], dev);
+}
+
+int64_t resolve_isa(int64_t isa) {
+  const int64_t best = best_isa();
+  TORCH_CHECK_VALUE(isa >= kIsaAuto && isa <= best, "isa: expected -1 (auto) or 0..", best,
+                    " (supported by this CPU), got ", isa);
+  return isa == kIsaAuto ? best : isa;
+}
+
+template <typename F>
+void for_dtype(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kFloat) {
+    f(float{});
+  } else if (dtype == at::kBFloat16) {
+    f(c10::BFloat16{});
+  } else {
+    f(c10::Half{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_quantize_act(
+    const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& L_down, bool is_unsigned, int64_t isa) {
+  check_quantize(x, smooth, L_down, c10::DeviceType::CPU);
+  isa = resolve_isa(isa);
+  const int64_t M = x.size(0), K = x.size(1), R = L_down.size(0);
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  const at::Tensor s32 = smooth.to(at::kFloat).contiguous();
+  at::Tensor xq = at::empty({M, K / 2}, x.options().dtype(at::kByte));
+  at::Tensor xscale = at::empty({M, K / kGroup}, x.options().dtype(at::kFloat));
+  at::Tensor la = at::empty({M, R}, x.options().dtype(at::kFloat));
+  if (M == 0) return {xq, xscale, la};
+  const float* xp = x32.data_ptr<float>();
+  const float* sp = s32.data_ptr<float>();
+  uint8_t* qp = xq.data_ptr<uint8_t>();
+  float* scp = xscale.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t mb, int64_t me) {
+    for (int64_t m = mb; m < me; ++m) quantize_token(xp + m * K, sp, is_unsigned, K, qp + m * (K / 2), scp + m * (K / kGroup));
+  });
+  if (R > 0) {
+    float* lp = la.data_ptr<float>();
+    for_dtype(x.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* Ld = L_down.data_ptr<T>();
+      // Down projection of the unsmoothed x (SVDQuant folds 1/λ into L_down).
+      at::parallel_for(0, R, std::max<int64_t>(1, 65536 / (K * M)), [&](int64_t jb, int64_t je) {
+        for (int64_t j = jb; j < je; ++j) {
+          for (int64_t m = 0; m < M; ++m) lp[m * R + j] = dot_isa(isa, xp + m * K, Ld + j * K, K);
+        }
+      });
+    });
+  }
+  return {xq, xscale, la};
+}
+
+at::Tensor lowrank_w4a4_gemm(const at::Tensor& xq, const at::Tensor& xscale, const at::Tensor& qweight,
+                             const at::Tensor& scales, const at::Tensor& lowrank_act, const at::Tensor& L_up,
+                             const std::optional<at::Tensor>& bias, bool is_unsigned, int64_t isa) {
+  check_gemm(xq, xscale, qweight, scales, lowrank_act, L_up, bias, c10::DeviceType::CPU);
+  isa = resolve_isa(isa);
+  const int64_t M = xq.size(0), K = 2 * xq.size(1), N = qweight.size(0), R = lowrank_act.size(1);
+  const int64_t G = K / kGroup, G8 = (G + 7) / 8 * 8;
+  at::Tensor y = at::empty({M, N}, scales.options());
+  if (M == 0 || N == 0) return y;
+  // Activations once per call: int8 values de-interleaved per group (even k, then
+  // odd k, to meet the low and high nibbles of 32 weight bytes), the offset
+  // correction 8·Σqx, and the scales, zero-padded to whole blocks of 8 groups.
+  // (empty, not zeros: only the padding groups are zeroed, in the loop below.)
+  at::Tensor xs8 = at::empty({M, G8 * kGroup}, xq.options().dtype(at::kChar));
+  at::Tensor xcorr = at::empty({M, G8}, xq.options().dtype(at::kInt));
+  at::Tensor xsc = at::empty({M, G8}, xq.options().dtype(at::kFloat));
+  {
+    const at::Tensor xqc = xq.contiguous();
+    const at::Tensor xscc = xscale.contiguous();
+    const uint8_t* src = xqc.data_ptr<uint8_t>();
+    const float* ssrc = xscc.data_ptr<float>();
+    int8_t* dst = xs8.data_ptr<int8_t>();
+    int32_t* corr = xcorr.data_ptr<int32_t>();
+    float* sdst = xsc.data_ptr<float>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t mb, int64_t me) {
+      for (int64_t m = mb; m < me; ++m) {
+        for (int64_t g = 0; g < G; ++g) {
+          int32_t sum = 0;
+          for (int64_t j = 0; j < kGroup / 2; ++j) {
+            const int b = src[m * (K / 2) + g * (kGroup / 2) + j];
+            const int lo = is_unsigned ? (b & 15) : ((b & 15) ^ 8) - 8;
+            const int hi = is_unsigned ? (b >> 4) : ((b >> 4) ^ 8) - 8;
+            dst[m * G8 * kGroup + g * kGroup + j] = static_cast<int8_t>(lo);
+            dst[m * G8 * kGroup + g * kGroup + kGroup / 2 + j] = static_cast<int8_t>(hi);
+            sum += lo + hi;
+          }
+          corr[m * G8 + g] = 8 * sum;
+          sdst[m * G8 + g] = ssrc[m * G + g];
+        }
+        for (int64_t g = G; g < G8; ++g) {
+          std::fill_n(dst + m * G8 * kGroup + g * kGroup, kGroup, int8_t{0});
+          corr[m * G8 + g] = 0;
+          sdst[m * G8 + g] = 0.f;
+        }
+      }
+    });
+  }
+  const at::Tensor la = lowrank_act.contiguous();
+  for_dtype(scales.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    GemmArgs<T> a{M,
+                  N,
+                  K,
+                  R,
+                  G,
+                  G8,
+                  xs8.data_ptr<int8_t>(),
+                  xcorr.data_ptr<int32_t>(),
+                  xsc.data_ptr<float>(),
+                  qweight.data_ptr<uint8_t>(),
+                  scales.data_ptr<T>(),
+                  la.data_ptr<float>(),
+                  L_up.data_ptr<T>(),
+                  bias.has_value() ? bias->data_ptr<T>() : nullptr,
+                  y.data_ptr<T>()};
+    run_gemm<T>(isa, a);
+  });
+  return y;
+}
+
+bool symbolic(std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts) {
+    if (t->unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return true;
+  }
+  return false;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_quantize_act_meta(
+    const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& L_down, bool, int64_t) {
+  if (!symbolic({&x, &smooth, &L_down})) check_quantize(x, smooth, L_down, c10::DeviceType::Meta);
+  const auto M = x.sym_size(0), K = x.sym_size(1);
+  return {at::empty_symint({M, K / 2}, x.options().dtype(at::kByte)),
+          at::empty_symint({M, K / kGroup}, x.options().dtype(at::kFloat)),
+          at::empty_symint({M, L_down.sym_size(0)}, x.options().dtype(at::kFloat))};
+}
+
+at::Tensor lowrank_w4a4_gemm_meta(const at::Tensor& xq, const at::Tensor& xscale, const at::Tensor& qweight,
+                                  const at::Tensor& scales, const at::Tensor& lowrank_act, const at::Tensor& L_up,
+                                  const std::optional<at::Tensor>& bias, bool, int64_t) {
+  if (!symbolic({&xq, &xscale, &qweight, &scales, &lowrank_act, &L_up})) {
+    check_gemm(xq, xscale, qweight, scales, lowrank_act, L_up, bias, c10::DeviceType::Meta);
+  }
+  return at::empty_symint({xq.sym_size(0), qweight.sym_size(0)}, scales.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(svdkernels, CPU, m) {
+  m.impl("_cpp_lowrank_quantize_act", &lowrank_quantize_act);
+  m.impl("_cpp_lowrank_w4a4_gemm", &lowrank_w4a4_gemm);
+}
+
+TORCH_LIBRARY_IMPL(svdkernels, Meta, m) {
+  m.impl("_cpp_lowrank_quantize_act", &lowrank_quantize_act_meta);
+  m.impl("_cpp_lowrank_w4a4_gemm", &lowrank_w4a4_gemm_meta);
+}
+
+}  // namespace cpu
+}  // namespace svdkernels
