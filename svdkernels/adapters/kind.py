@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from svdkernels.adapters.modules import Targets, find_linears, set_module
+from svdkernels.adapters.modules import Targets, find_linears, saved_base_linear, set_module
 from svdkernels.errors import FormatError
 from svdkernels.ops.rsvd import rsvd
 
@@ -328,14 +328,7 @@ def load_kind(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     layers, by_layer = _read(path)
     built: dict[str, KindLinear] = {}
     for name, info in layers.items():
-        try:
-            base = model.get_submodule(name)
-        except AttributeError as e:
-            raise ValueError(f"model: the file has layer {name!r}, which the model does not have") from e
-        if type(base) is not nn.Linear or (base.out_features, base.in_features) != (
-                info["out_features"], info["in_features"]):
-            raise ValueError(f"model: expected {name!r} to be an nn.Linear {info['out_features']}x"
-                             f"{info['in_features']}, got {base}")
+        base = saved_base_linear(model, name, info)
         _check_tensors(path, name, info, by_layer[name], base.weight.dtype)
         dev = base.weight.device
         parts = {k: v.to(dev) for k, v in by_layer[name].items()}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from torch import nn
 
@@ -43,3 +43,17 @@ def find_linears(model: nn.Module, targets: Targets) -> dict[str, nn.Linear]:
         raise ValueError(f"targets: expected names matching nn.Linear layers of the model, got {targets!r} "
                          f"which matches none (linear layers: {some}{', ...' if len(linears) > 6 else ''})")
     return found
+
+
+def saved_base_linear(model: nn.Module, name: str, info: dict[str, Any]) -> nn.Linear:
+    """The ``nn.Linear`` named ``name`` in ``model``, checked against the saved layer's
+    ``out_features``/``in_features`` (a ``ValueError`` naming ``model`` otherwise)."""
+    try:
+        base = model.get_submodule(name)
+    except AttributeError as e:
+        raise ValueError(f"model: the file has layer {name!r}, which the model does not have") from e
+    if type(base) is not nn.Linear or (base.out_features, base.in_features) != (
+            info["out_features"], info["in_features"]):
+        raise ValueError(f"model: expected {name!r} to be an nn.Linear {info['out_features']}x"
+                         f"{info['in_features']}, got {base}")
+    return base

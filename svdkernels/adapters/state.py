@@ -26,7 +26,7 @@ from torch import nn
 
 from svdkernels.adapters.adapt import adapter_layers, residual_weight
 from svdkernels.adapters.methods import METHODS
-from svdkernels.adapters.modules import set_module
+from svdkernels.adapters.modules import saved_base_linear, set_module
 from svdkernels.adapters.svd_linear import SALT_PARTS, SVDLinear
 from svdkernels.errors import FormatError
 
@@ -224,14 +224,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     layers, by_layer = _read_adapter(path)
     built: dict[str, SVDLinear] = {}
     for name, info in layers.items():
-        try:
-            base = model.get_submodule(name)
-        except AttributeError as e:
-            raise ValueError(f"model: the adapter has layer {name!r}, which the model does not have") from e
-        if type(base) is not nn.Linear or (base.out_features, base.in_features) != (
-                info["out_features"], info["in_features"]):
-            raise ValueError(f"model: expected {name!r} to be an nn.Linear {info['out_features']}x"
-                             f"{info['in_features']}, got {base}")
+        base = saved_base_linear(model, name, info)
         _check_layer_tensors(path, name, info, by_layer[name], base.weight.dtype)
         t = {k: v.to(base.weight.device) for k, v in by_layer[name].items()}
         W0 = base.weight.detach()
