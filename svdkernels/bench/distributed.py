@@ -237,7 +237,7 @@ def model_rows(quick: bool, repeats: int) -> Iterator[Row | str]:
                       note=f"alpha {alpha * 1e6:.0f} us, beta {beta * 1e9:.2f} ns/B (loopback, 4 procs)")
 
 
-@register("distributed", count=lambda quick: 5, legend=LEGEND)
+@register("distributed", count=lambda quick: 17, legend=LEGEND)  # the headings rows yield
 def bench_distributed(quick: bool, repeats: int) -> Iterator[Row | str]:
     """The family: rsvd rows, the threads comparison, the communication model, and one
     LowRankAdamW step with refresh of the small Llama (``distributed_optim.py``)."""
