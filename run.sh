@@ -32,7 +32,10 @@ cmd=${1:-}
 case "$cmd" in
     test)
         setup
-        exec "$PY" -m pytest tests "$@"
+        # One pytest worker per core (pytest-xdist), each test file on one worker
+        # (module fixtures such as the quick bench run once). SVDKERNELS_TEST_WORKERS=0
+        # runs in one process.
+        exec "$PY" -m pytest -n "${SVDKERNELS_TEST_WORKERS:-auto}" --dist loadfile tests "$@"
         ;;
     bench)
         setup
