@@ -32,10 +32,7 @@ cmd=${1:-}
 case "$cmd" in
     test)
         setup
-        # One pytest worker per core (pytest-xdist), each test file on one worker
-        # (module fixtures such as the quick bench run once). SVDKERNELS_TEST_WORKERS=0
-        # runs in one process.
-        exec "$PY" -m pytest -n "${SVDKERNELS_TEST_WORKERS:-auto}" --dist loadfile tests "$@"
+        exec "$PY" -m pytest tests "$@"
         ;;
     bench)
         setup
