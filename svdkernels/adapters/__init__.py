@@ -13,8 +13,9 @@
   :func:`extract_learngenes`, :func:`save_kind` / :func:`load_kind`): shared learngenes and
   class-gated tailors; SoMA (:func:`adapt_soma`, :func:`soma_targets`,
   :class:`AnnealedWeightDecay`);
-- on an FSDP2-sharded model, :func:`adapt` runs the methods in :data:`SHARDED_METHODS`
-  with the sharded rsvd (``adapters/sharded.py``).
+- on an FSDP2-sharded model, :func:`adapt` runs the methods in
+  ``svdkernels.adapters.sharded.SHARDED_METHODS`` with the sharded rsvd (not imported
+  here: it loads ``torch.distributed.tensor``).
 """
 from svdkernels.adapters.adalora import AdaLoRABudget
 from svdkernels.adapters.adapt import (
@@ -34,13 +35,12 @@ from svdkernels.adapters.kind import (
 )
 from svdkernels.adapters.kron import KronLinear, near_square_factors
 from svdkernels.adapters.lokr import load_lokr, save_lokr
-from svdkernels.adapters.sharded import SHARDED_METHODS
 from svdkernels.adapters.soma import AnnealedWeightDecay, adapt_soma, soma_targets
 from svdkernels.adapters.state import export_peft_lora, load_adapter, save_adapter
 from svdkernels.adapters.svd_linear import SVDLinear
 
 __all__ = [
-    "ALL_METHODS", "AdaLoRABudget", "AnnealedWeightDecay", "KindLinear", "KronLinear", "SHARDED_METHODS",
+    "ALL_METHODS", "AdaLoRABudget", "AnnealedWeightDecay", "KindLinear", "KronLinear",
     "SVDLinear", "adapt", "adapt_soma", "adapter_layers", "export_peft_lora", "extract_learngenes",
     "kind_adapt", "kind_classes", "load_adapter", "load_kind", "load_lokr", "mark_only_adapter_trainable",
     "near_square_factors", "regularization_loss", "save_adapter", "save_kind", "save_lokr", "soma_targets",

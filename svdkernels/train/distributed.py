@@ -33,24 +33,32 @@ checkpoint reloads on any world size, or in one process without FSDP.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import sys
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate, Shard
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    # Without importing torch.distributed.tensor (seconds of import time, and absent from
+    # torch builds without torch.distributed): no DTensor exists before something loads it.
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(p, mod.DTensor)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (the same storage: in-place updates reach it), else ``t``."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def is_sharded(p: torch.Tensor) -> bool:
-    return isinstance(p, DTensor)
+    return t.to_local() if is_sharded(t) else t
 
 
 def check_sharded_param(p: DTensor, name: str, side: Optional[str]) -> None:
     """``ValueError`` unless ``p`` is row-sharded (``Shard(0)``) on a 1-D mesh, as FSDP2 leaves it."""
+    from torch.distributed.tensor import Shard  # loaded: p is a DTensor
+
     mesh = p.device_mesh
     if mesh.ndim != 1 or len(p.placements) != 1 or p.placements[0] != Shard(0):
         raise ValueError(f"parameter {name}: expected a DTensor sharded by rows (Shard(0), as fully_shard "
@@ -70,6 +78,8 @@ def zeros_like_rows(p: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     tensor for a plain ``p``, a ``Shard(0)`` DTensor on ``p``'s mesh for a sharded one."""
     if not is_sharded(p):
         return torch.zeros(shape, dtype=torch.float32, device=p.device)
+    from torch.distributed.tensor import DTensor, Shard  # loaded: p is a DTensor
+
     rows = p.to_local().shape[0]
     t = torch.zeros((rows, *shape[1:]), dtype=torch.float32, device=p.to_local().device)
     stride = tuple(torch.empty(shape, device="meta").stride())
@@ -81,6 +91,8 @@ def replicated(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``t`` (the same on every rank) as a replicated DTensor on ``p``'s mesh, or ``t`` itself."""
     if not is_sharded(p):
         return t
+    from torch.distributed.tensor import DTensor, Replicate  # loaded: p is a DTensor
+
     return DTensor.from_local(t, p.device_mesh, [Replicate()], run_check=False)
 
 
@@ -117,6 +129,8 @@ def sharded_rsvd_bases(G: torch.Tensor, m: int, rank: int, *, seed: int, p: DTen
     """Right bases ``[b, r, n]`` of row-sharded ``G`` by the sharded rsvd (the single-process
     projector's ``oversample=10, n_iter=2``); ``m`` the global row count, ``p`` a
     parameter of the batch (its mesh)."""
+    from torch.distributed.tensor import DTensor, Shard  # loaded: p is a DTensor
+
     from svdkernels.ops.rsvd_sharded import rsvd_sharded  # only when a sharded refresh runs
 
     b, _, n = G.shape
@@ -231,7 +245,7 @@ def load_sharded_state_dict(optimizer: Any, model: torch.nn.Module, state: dict[
             st["cosines"] = state[f"{key}.cosines"][: meta["n_cosines"]].tolist()
         for entry in optimizer.state_entries(group, p):
             t = state[f"{key}.{entry}"]
-            st[entry] = t if isinstance(t, DTensor) else t.to(p.device, copy=True)
+            st[entry] = t if is_sharded(t) else t.to(p.device, copy=True)
         if group["lowrank"] and group["projector"] != "random":
             st.pop("basis_seed", None)
         optimizer.state[p] = st
