@@ -187,6 +187,69 @@ def _split(model: torch.nn.Module) -> tuple[list, list]:
     return low, rest
 
 
+@contextlib.contextmanager
+def _no_cuda_sync_without_cuda() -> Iterator[None]:
+    """``torch.cuda.synchronize`` as a no-op while no CUDA device exists (there is nothing
+    to wait for; torch's CPU build raises instead)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    saved = torch.cuda.synchronize
+    torch.cuda.synchronize = lambda device=None: None
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize = saved
+
+
+def _qgalore_class() -> type:
+    """q-galore-torch 1.0's ``QGaLoreAdamW8bit``, adapted to bitsandbytes >= 0.45.
+
+    q-galore-torch 1.0 targets bitsandbytes 0.43. Against the installed 0.50.2 its step
+    fails with ``KeyError: 'percentile_clipping'``, for four API changes in bitsandbytes:
+
+    1. ``Optimizer2State.__init__`` dropped ``percentile_clipping`` and ``block_wise``.
+       q-galore passes them by position, so its 100 and True land in ``max_unorm`` and
+       ``skip_zeros``. That would turn on update-norm clipping and zero skipping.
+    2. ``get_config`` no longer fills ``percentile_clipping``/``block_wise``, which
+       q-galore's ``update_step`` reads.
+    3. ``optimizer_update_32bit`` and ``optimizer_update_8bit_blockwise`` gained
+       ``beta3``/``alpha`` in the middle of their positional parameters, so q-galore's
+       calls would pass ``eps`` as ``beta3``, and so on.
+    4. Its ``step`` calls ``torch.cuda.synchronize()`` after every parameter, which
+       raises on a CPU-only torch.
+
+    The shim restores the settings q-galore asks for (``max_unorm=0``,
+    ``skip_zeros=False``; its ``percentile_clipping=100`` means no clipping and
+    ``block_wise=True`` is the only 8-bit mode bitsandbytes still has). It runs the
+    installed bitsandbytes' own ``Optimizer2State.update_step``: the same blockwise
+    8-bit Adam update, ``gnorm_scale = 1``, that q-galore's version calls. Outside CUDA,
+    ``torch.cuda.synchronize`` is a no-op during the step. q-galore's projection, int4
+    basis, adaptive gap and back-projection run unchanged. Only float gradients are
+    supported: the Int8 weights' ``float_grad`` path is not used by this bench.
+    """
+    from bitsandbytes.optim.optimizer import Optimizer2State
+    from q_galore_torch import QGaLoreAdamW8bit
+
+    class QGaLoreAdamW8bitShim(QGaLoreAdamW8bit):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.args.max_unorm = 0.0
+            self.args.skip_zeros = False
+
+        def update_step(self, group: dict, p: torch.Tensor, gindex: int, pindex: int,
+                        flag_use_float_grad: bool = False) -> None:
+            if flag_use_float_grad:
+                raise NotImplementedError("q-galore-torch shim: INT8 weights (float_grad) are not supported")
+            Optimizer2State.update_step(self, group, p, gindex, pindex)
+
+        def step(self, *args: Any, **kwargs: Any) -> Any:
+            with _no_cuda_sync_without_cuda():
+                return super().step(*args, **kwargs)
+
+    return QGaLoreAdamW8bitShim
+
+
 def optimizers(wl: TrainWorkload) -> dict[str, Callable[[torch.nn.Module], Any]]:
     """``{label: make(model)}`` for every optimiser of the training workload."""
     from svdkernels.testing.llama import LLAMA_TARGETS
@@ -204,14 +267,12 @@ def optimizers(wl: TrainWorkload) -> dict[str, Callable[[torch.nn.Module], Any]]
         return GaLoreAdamW([dict(params=rest), _galore_group(low, wl.rank, wl.gap)], lr=wl.lr)
 
     def qgalore(model: torch.nn.Module) -> Any:
-        from q_galore_torch import QGaLoreAdamW8bit
-
         low, rest = _split(model)
         group = _galore_group(low, wl.rank, wl.gap, quant=True, quant_n_bit=4, quant_group_size=256,
                               cos_threshold=0.4, gamma_proj=2, queue_size=5)
-        # q-galore-torch 1.0 was written against an older bitsandbytes; where the installed
-        # one changed its API the row reports the error instead of a number.
-        return QGaLoreAdamW8bit([dict(params=rest), group], lr=wl.lr)
+        # q-galore-torch 1.0 was written against an older bitsandbytes: _qgalore_class
+        # adapts it to the installed one without changing what it computes.
+        return _qgalore_class()([dict(params=rest), group], lr=wl.lr)
 
     def apollo(model: torch.nn.Module) -> Any:
         from apollo_torch import APOLLOAdamW
