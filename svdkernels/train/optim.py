@@ -42,6 +42,7 @@ from svdkernels.train import distributed as tdist
 from svdkernels.train import projectors as proj
 from svdkernels.train.distributed import local
 from svdkernels.train.int8 import Int8Linear, dequantize_int8, is_int8_weight, quantize_int8
+from svdkernels.train.projected_step import projected_adam_step
 
 MOMENTS = ("keep", "rotate", "reset")
 SIDES = (None, "right", "left")
@@ -403,7 +404,9 @@ class LowRankAdamW(torch.optim.Optimizer):
             return _mix(self.seed, 2, self._index[p], step, *extra)
         return None
 
-    def _update(self, group: dict[str, Any], p: torch.Tensor, g: torch.Tensor) -> None:
+    def _update(self, group: dict[str, Any], p: torch.Tensor, g: torch.Tensor, *, projected: bool = False) -> None:
+        """Step ``p`` from its gradient ``g``, or (``projected``, low-rank ``p`` only) from
+        its rank-space gradient ``g [m, r]``/``[r, n]`` float32 (layerwise accumulation)."""
         state = self.state[p]
         beta1, beta2 = group["betas"]
         if "exp_avg" not in state:
@@ -416,10 +419,13 @@ class LowRankAdamW(torch.optim.Optimizer):
         if is_int8_weight(p):
             # Q-GaLore: step a transient float32 copy, write it back to INT8 stochastically.
             w = dequantize_int8(p, p.int8_scales)
-            self._step_tensor(group, p, w, g.float(), step_size, decay, None)
+            self._step_tensor(group, p, w, g.float(), step_size, decay, None, projected)
             q, scales = quantize_int8(w, sr_seed=_mix(self.seed, 4, self._index[p], t))
             p.copy_(q)
             p.int8_scales.copy_(scales)
+            return
+        if projected:
+            self._step_tensor(group, p, p, g, step_size, decay, self._sr_seed(p, t), True)
             return
         self._step_tensor(group, p, local(p), local(g).to(p.dtype), step_size, decay, self._sr_seed(p, t))
 
@@ -444,10 +450,16 @@ class LowRankAdamW(torch.optim.Optimizer):
         v.copy_(vp[:rows])
 
     def _step_tensor(self, group: dict[str, Any], p: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
-                     step_size: float, decay: float, sr: Optional[int]) -> None:
-        """The AdamW step of parameter ``p``'s state applied to the weight tensor ``w``."""
+                     step_size: float, decay: float, sr: Optional[int], projected: bool = False) -> None:
+        """The AdamW step of parameter ``p``'s state applied to the weight tensor ``w``
+        (``g`` already projected to rank space when ``projected``)."""
         state = self.state[p]
         beta1, beta2 = group["betas"]
+        if projected:
+            projected_adam_step(w, g, self._float_basis(group, p), state["exp_avg"], state["exp_avg_sq"],
+                                right=self.side_of(group, p), betas=(beta1, beta2), eps=group["eps"],
+                                step_size=step_size * group["scale"], decay=decay, sr_seed=sr)
+            return
         if group["lowrank"]:
             P, P_scale, P_zero = self._basis(group, p)
             right = self.side_of(group, p)
@@ -672,6 +684,7 @@ class LowRankAdamW(torch.optim.Optimizer):
             "basis": ((r, (k + 1) // 2), torch.uint8) if group["proj_bits"] == 4 else ((r, k), torch.float32),
             "basis_scale": ((r, -(-k // 256)), torch.float32), "basis_zero": ((r, -(-k // 256)), torch.float32),
             "dct_index": ((r,), torch.int32),
+            "grad_acc": (moments, torch.float32),  # layerwise: the window's rank-space gradient sum
         }.get(key)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

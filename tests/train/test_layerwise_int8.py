@@ -30,7 +30,7 @@ def batches(n, seed=1):
     return [(torch.randn(16, 24, generator=g), torch.randn(16, 8, generator=g)) for _ in range(n)]
 
 
-@pytest.mark.parametrize("accumulate", [1, 3])
+@pytest.mark.parametrize("accumulate", [1])  # accumulate > 1: tests/train/test_layerwise_accumulate.py
 def test_layerwise_equals_the_normal_step(accumulate):
     data = batches(6)
     normal, lw = mlp(), mlp()
@@ -48,8 +48,8 @@ def test_layerwise_equals_the_normal_step(accumulate):
     for x, y in data:
         (((lw(x) - y) ** 2).mean() / accumulate).backward()
         seen.append(sum(p.grad is not None for p in lw.parameters()))
-    # Gradients exist only between the micro-batches of an accumulation, never after a step.
-    assert seen == ([0] * 6 if accumulate == 1 else [6, 6, 0, 6, 6, 0])
+    # No gradient outlives its step.
+    assert seen == [0] * 6
     for a, b in zip(lw.parameters(), normal.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # same fp32 math, one matrix per SVD call
     handle.remove()
