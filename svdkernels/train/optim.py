@@ -124,11 +124,15 @@ class LowRankAdamW(torch.optim.Optimizer):
     the moments are sharded like the weights, the bases replicated, and only the
     refresh communicates (see :mod:`svdkernels.train.distributed`, whose
     ``sharded_state_dict`` saves the state with ``torch.distributed.checkpoint``). The
-    weights equal a single-process run with ``side="right"`` to fp32 rounding, except
-    with ``moments="keep"`` and the ``svd``/``rsvd`` projectors, where a sharded
-    factorisation may return a basis vector of the other sign (keeping the moments
-    does not undo it; rotating them does). Layerwise steps (:meth:`step_param`) are
-    refused under FSDP2 and with ``process_group``.
+    weights equal a single-process run with ``side="right"`` to fp32 rounding. The
+    ``rsvd`` bases have canonical signs (:func:`~svdkernels.train.projectors.canonical_signs`),
+    so this holds with ``moments="keep"`` too. The one exception is ``projector="svd"``
+    with ``moments="keep"`` (the :class:`GaLoreAdamW`/:class:`QGaLoreAdamW` defaults):
+    ``svd`` keeps ``torch.linalg.svd``'s signs, as galore-torch does, so that
+    :class:`GaLoreAdamW` reproduces it. The sharded factorisation may then return a basis
+    vector of the other sign, and kept moments do not undo that (rotated ones do).
+    Layerwise steps (:meth:`step_param`, :func:`~svdkernels.train.layerwise`) are refused
+    under FSDP2 and with ``process_group``.
 
     Example::
 
@@ -547,10 +551,12 @@ class LowRankAdamW(torch.optim.Optimizer):
                 return proj.dct_bases(index, k), index
             if projector == "svd":
                 return tdist.sharded_svd_bases(G, rank, mesh_group), None
+            # Canonical signs: the sharded factorisation may return a row of the other sign
+            # than one process's (projectors.canonical_signs; kept moments need the same one).
             if previous is not None:
-                return proj.warm_subspace(G, previous, rank, True, seed=seed,
-                                          allreduce=lambda t: tdist.allreduce(t, mesh_group)), None
-            return tdist.sharded_rsvd_bases(G, shape[0], rank, seed=seed, p=p0), None
+                return proj.canonical_signs(proj.warm_subspace(
+                    G, previous, rank, True, seed=seed, allreduce=lambda t: tdist.allreduce(t, mesh_group))), None
+            return proj.canonical_signs(tdist.sharded_rsvd_bases(G, shape[0], rank, seed=seed, p=p0)), None
         if projector == "dct":
             index = proj.dct_indices(G, rank, right).to(torch.int32)
             return proj.dct_bases(index, k), index

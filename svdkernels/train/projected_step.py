@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from svdkernels.reference.lowrank_adam_step import round_to
+from svdkernels.ops.lowrank_adam_step import stochastic_round
 
 
 def project_gradient(G: torch.Tensor, P: torch.Tensor, right: bool) -> torch.Tensor:
@@ -68,4 +68,4 @@ def projected_adam_step(
     w = W.float() - step_size * U
     if decay != 0.0:
         w = w - decay * w
-    W.copy_(round_to(w, W.dtype, sr_seed))
+    W.copy_(stochastic_round(w, sr_seed) if sr_seed is not None and W.dtype == torch.bfloat16 else w.to(W.dtype))

@@ -12,7 +12,10 @@ Projectors:
 - ``rsvd``: :func:`svdkernels.rsvd` (Halko et al. 2011) from scratch, or, with the
   previous bases, a warm-started subspace iteration (:func:`warm_subspace`): the old
   basis plus a few random columns, ``iters`` passes of ``GᵀG``, Rayleigh-Ritz. A slowly
-  moving subspace then costs one pass instead of rsvd's sketch and power passes.
+  moving subspace then costs one pass instead of rsvd's sketch and power passes. The
+  rows' signs are canonical (:func:`canonical_signs`), so every route to the same
+  subspace (one process, FSDP2's sharded factorisation, DDP's owner rank) gives the same
+  basis, which matters when moments are kept.
 - ``dct``: a shared DCT-II basis per size (Modoranu et al. 2025, "SVD-Free Low-Rank
   Adaptive Gradient Optimization"): score every DCT vector by the ℓ1 norm of the
   gradient's coefficients, keep the ``r`` best; only the indices are state.
@@ -180,6 +183,20 @@ def first_vector_cosine(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(new[:, 0], old[:, 0], dim=-1).abs()
 
 
+def canonical_signs(P: torch.Tensor) -> torch.Tensor:
+    """Basis rows ``P [..., r, k]`` with each row's sign fixed: its largest-magnitude entry
+    (the first, on a tie) made positive.
+
+    A singular vector's sign is arbitrary, and different factorisations of the same
+    matrix (one process's rsvd, the sharded rsvd under FSDP2, a warm start) may return
+    opposite ones. Rotated or reset moments do not care; moments *kept* across a refresh
+    (GaLore's rule) do. A rule that reads only the row itself gives every route the same
+    sign whenever they agree up to sign and rounding.
+    """
+    pivot = P.gather(-1, P.abs().argmax(-1, keepdim=True))
+    return P * torch.where(pivot < 0, -1.0, 1.0).to(P.dtype)
+
+
 def captured_energy(G: torch.Tensor, P: torch.Tensor, right: bool) -> torch.Tensor:
     """``‖projection of G on P‖_F / ‖G‖_F`` per matrix ``[b]`` (orthonormal rows ``P``)."""
     R = G @ P.mT if right else P @ G
@@ -193,6 +210,6 @@ def bases_for(projector: str, G: torch.Tensor, rank: int, right: bool, *, seed: 
         return svd_bases(G, rank, right)
     if projector == "rsvd":
         if previous is not None:
-            return warm_subspace(G, previous, rank, right, seed=seed)
-        return rsvd_bases(G, rank, right, seed=seed)
+            return canonical_signs(warm_subspace(G, previous, rank, right, seed=seed))
+        return canonical_signs(rsvd_bases(G, rank, right, seed=seed))
     raise ValueError(f"projector: expected 'svd' or 'rsvd' here, got {projector!r}")

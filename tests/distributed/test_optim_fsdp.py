@@ -2,7 +2,17 @@
 refreshes equal the single-process run; the state is sharded like the weights."""
 import pytest
 import torch
-from optim_dist_cases import CONFIGS, STEPS, TinyMLP, assert_weights_close, data, full_weights, make_optimizer, train
+from optim_dist_cases import (
+    CONFIGS,
+    KEEP_CONFIG,
+    STEPS,
+    TinyMLP,
+    assert_weights_close,
+    data,
+    full_weights,
+    make_optimizer,
+    train,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -34,10 +44,14 @@ def state_split(opt) -> tuple[int, int]:
     return moments, other
 
 
+def configs(world: int) -> list[dict]:
+    return CONFIGS + [KEEP_CONFIG] if world == 2 else CONFIGS
+
+
 def _fsdp_runs(rank, world):
     X, Y = data(STEPS)
     out = []
-    for config in CONFIGS:
+    for config in configs(world):
         model = sharded_model(world)
         opt = make_optimizer(model, config)
         train(model, opt, X, Y, range(STEPS), rank, world)
@@ -76,7 +90,7 @@ def _fsdp_runs(rank, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_fsdp_equals_single_process(world):
     runs = run_distributed(_fsdp_runs, world, timeout=150)
-    for ci, config in enumerate(CONFIGS):
+    for ci, config in enumerate(configs(world)):
         model = TinyMLP()
         opt = make_optimizer(model, config)
         X, Y = data(STEPS)

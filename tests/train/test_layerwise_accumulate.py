@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from svdkernels.ops.lowrank_adam_step import lowrank_adam_step
 from svdkernels.testing.errors import assert_raises_naming
-from svdkernels.train import LowRankAdamW, layerwise, lowrank_param_groups
+from svdkernels.train import Int8Linear, LowRankAdamW, QGaLoreAdamW, layerwise, lowrank_param_groups
 from svdkernels.train import projectors as proj
+from svdkernels.train.projected_step import project_gradient, projected_adam_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,6 +45,21 @@ def low_rank(model):
 def assert_same_weights(a, b, **tol):
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, msg=lambda m: f"{name}: {m}", **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("right", [True, False])
+def test_the_projected_step_is_the_fused_step(dtype, right):
+    torch.manual_seed(7)
+    W, G = torch.randn(24, 20).to(dtype), torch.randn(24, 20).to(dtype)
+    P = torch.linalg.qr(torch.randn(20 if right else 24, 4))[0].T.contiguous()  # [4, k]
+    shape = (24, 4) if right else (4, 20)
+    m, v = torch.randn(shape), torch.rand(shape)
+    W2, m2, v2 = W.clone(), m.clone(), v.clone()
+    kw = dict(betas=(0.9, 0.99), eps=1e-6, step_size=0.01, decay=0.001, sr_seed=11)
+    lowrank_adam_step(W, G, P, m, v, side="right" if right else "left", **kw)
+    projected_adam_step(W2, project_gradient(G, P, right), P, m2, v2, right=right, **kw)
+    assert torch.equal(W, W2) and torch.equal(m, m2) and torch.equal(v, v2)
 
 
 CONFIGS = [dict(projector="svd", moments="keep"), dict(projector="rsvd", moments="rotate", proj_bits=4),
@@ -260,3 +277,19 @@ def test_layerwise_refuses_a_process_group_by_name():
     opt = stack_opt(model)
     opt.process_group = object()  # what the DDP path sets; layerwise's refresh is not collective
     assert_raises_naming(lambda: layerwise(model, opt), ValueError, ["optimizer", "process_group"])
+
+
+def test_int8_weights_accumulate_in_rank_space():
+    torch.manual_seed(3)
+    model = nn.Sequential(Int8Linear.from_linear(nn.Linear(24, 40)), nn.GELU(), nn.Linear(40, 8))
+    opt = QGaLoreAdamW(lowrank_param_groups(model, targets=["0"], rank=4, update_gap=5), lr=3e-2)
+    layerwise(model, opt, accumulate=2)
+    x, y = torch.randn(16, 24), torch.randn(16, 8)
+    losses = []
+    for _ in range(40):
+        loss = loss_of(model, x, y)
+        (loss / 2).backward()
+        assert model[0].qweight.float_grad is None  # freed in the hook, the sum is rank-space
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    assert opt.state[model[0].qweight]["step"] == 20

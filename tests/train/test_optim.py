@@ -348,3 +348,28 @@ def test_a_group_added_later_is_trained_in_low_rank():
     st = opt.state[model[0].weight]
     assert st["exp_avg"].shape == (40, 3) and st["refreshes"] == 2
     assert model[2].weight not in opt.state  # not an optimiser parameter
+
+
+def test_canonical_signs_fix_each_row_whatever_sign_it_came_with():
+    torch.manual_seed(4)
+    P = torch.linalg.qr(torch.randn(3, 20, 5))[0].mT  # [3, 5, 20] orthonormal rows
+    C = proj.canonical_signs(P)
+    rows = C.gather(-1, C.abs().argmax(-1, keepdim=True))
+    assert (rows > 0).all()
+    flips = torch.where(torch.rand(3, 5, 1) < 0.5, -1.0, 1.0)
+    assert (flips < 0).any()
+    assert torch.equal(proj.canonical_signs(P * flips), C)  # any sign in, the same basis out
+    assert torch.equal(C.abs(), P.abs())
+
+
+def test_rsvd_bases_have_canonical_signs_and_svd_keeps_lapacks():
+    model = mlp()
+    opt = LowRankAdamW(galore_groups(model), projector="rsvd", moments="keep")
+    X, Y = data()
+    train(model, opt, 4, X, Y)  # refreshes at steps 0 and 3 (cold, then warm)
+    for w in (model[0].weight, model[2].weight):
+        P = opt.state[w]["basis"]
+        assert torch.equal(proj.canonical_signs(P), P)
+    G = torch.randn(40, 24)
+    svd = proj.bases_for("svd", G[None], 4, True, seed=0)[0]
+    torch.testing.assert_close(svd, torch.linalg.svd(G, full_matrices=False)[2][:4])  # galore-torch's signs
