@@ -164,7 +164,10 @@ class LayerwiseHandle:
         _free(p)
 
     def remove(self) -> None:
-        """Unregister every hook (then call ``optimizer.step()`` as usual again)."""
+        """Unregister every hook (then call ``optimizer.step()`` as usual again).
+
+        Call it between windows: a window's rank-space sums (``grad_acc``) stay in the
+        optimiser state, and ``step()`` does not read them."""
         for h in self._handles:
             h.remove()
         for p in self._int8:
