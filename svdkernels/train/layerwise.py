@@ -142,7 +142,7 @@ class LayerwiseHandle:
         n = state.get("micro_batch", 0) + 1
         if not finite:
             state["window_nonfinite"] = 1
-        elif group["lowrank"]:
+        elif group["lowrank"] and not state.get("window_nonfinite"):  # a skipped window needs no sum
             R = project_gradient(g, opt._float_basis(group, p), opt.side_of(group, p))
             if "grad_acc" in state:
                 state["grad_acc"].add_(R)

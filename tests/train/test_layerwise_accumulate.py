@@ -293,3 +293,23 @@ def test_int8_weights_accumulate_in_rank_space():
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
     assert opt.state[model[0].qweight]["step"] == 20
+
+
+def test_a_nonfinite_first_micro_batch_before_any_basis_skips_that_window_only():
+    data = batches(2 * K)
+    run = mlp()
+    opt = make(run, gap=100)
+    opt.skip_nonfinite = True
+    layerwise(run, opt, accumulate=K)
+    before = run[0].weight.detach().clone()
+    poison = run[0].weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    loss_of(run, *data[0]).backward()  # the first micro-batch of all: no basis exists yet
+    poison.remove()
+    for x, y in data[1:K]:
+        loss_of(run, x, y).backward()
+    assert torch.equal(run[0].weight, before) and opt.skipped_steps == 1
+    assert "basis" not in opt.state[run[0].weight]
+    for x, y in data[K:]:  # the next window refreshes (still due) and steps
+        loss_of(run, x, y).backward()
+    assert opt.state[run[0].weight]["step"] == 1 and opt.state[run[0].weight]["refreshes"] == 1
+    assert not torch.equal(run[0].weight, before)
