@@ -25,6 +25,7 @@ from svdkernels.reference.lowrank_adam_step import (  # noqa: F401  (re-exported
     basis_groups,
     bias_corrected_step_size,
     dequantize_basis,
+    projected_adam_step,
     quantize_basis,
     stochastic_round,
 )
@@ -32,7 +33,7 @@ from svdkernels.reference.lowrank_adam_step import random_uniform as sr_uniform
 
 __all__ = [
     "BASIS_GROUP", "basis_groups", "bias_corrected_step_size", "dequantize_basis", "lowrank_adam_step",
-    "quantize_basis", "sr_uniform", "stochastic_round", "validate",
+    "projected_adam_step", "quantize_basis", "sr_uniform", "stochastic_round", "validate",
 ]
 
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -190,6 +190,26 @@ def lowrank_adam_step(
     Pf = basis_float(P, P_scale, P_zero, k)
     g = G.float()
     R = g @ Pf.T if right else Pf @ g
+    projected_adam_step(W, R, Pf, exp_avg, exp_avg_sq, right, beta1, beta2, eps, step_size, decay, sr_seed)
+
+
+def projected_adam_step(
+    W: torch.Tensor,
+    R: torch.Tensor,
+    Pf: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    right: bool,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step_size: float,
+    decay: float,
+    sr_seed: Optional[int],
+) -> None:
+    """The step after the projection: ``R`` is the float32 projected gradient ``[m, r]``
+    (right) or ``[r, n]`` (left), ``Pf [r, k]`` the float32 basis. Shared with the
+    trainer's rank-space accumulation (:mod:`svdkernels.train.projected_step`)."""
     exp_avg.mul_(beta1).add_(R, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
     N = exp_avg / (exp_avg_sq.sqrt() + eps)

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from svdkernels.ops.lowrank_adam_step import stochastic_round
+from svdkernels.ops import lowrank_adam_step as step_op
 
 
 def project_gradient(G: torch.Tensor, P: torch.Tensor, right: bool) -> torch.Tensor:
@@ -53,19 +53,4 @@ def projected_adam_step(
     A bfloat16 ``W`` is rounded once, stochastically with ``sr_seed``.
     """
     beta1, beta2 = betas
-    exp_avg.mul_(beta1).add_(R, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
-    N = exp_avg / (exp_avg_sq.sqrt() + eps)
-    if W.dtype == torch.float32:  # the back-projection accumulates into W: no [m, n] temporary
-        if right:
-            W.addmm_(N, P, alpha=-step_size)
-        else:
-            W.addmm_(P.T, N, alpha=-step_size)
-        if decay != 0.0:
-            W.add_(W, alpha=-decay)
-        return
-    U = N @ P if right else P.T @ N
-    w = W.float() - step_size * U
-    if decay != 0.0:
-        w = w - decay * w
-    W.copy_(stochastic_round(w, sr_seed) if sr_seed is not None and W.dtype == torch.bfloat16 else w.to(W.dtype))
+    step_op.projected_adam_step(W, R, P, exp_avg, exp_avg_sq, right, beta1, beta2, eps, step_size, decay, sr_seed)
