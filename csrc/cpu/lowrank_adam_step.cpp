@@ -47,6 +47,12 @@ namespace {
 constexpr int64_t kBasisGroup = 256;  // int4 basis: one (scale, minimum) per 256 entries of a row
 constexpr int64_t kProjectChunk = 256;  // rows (right) or columns (left) of a bfloat16 G per conversion
 
+// Rows of `cols` elements per work item of an elementwise loop: at least 32K elements,
+// torch's own grain (below it, waking threads costs more than the work).
+int64_t elementwise_grain(int64_t cols) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
+}
+
 void check_inputs(const at::Tensor& W, const at::Tensor& G, const at::Tensor& P,
                   const std::optional<at::Tensor>& P_scale, const std::optional<at::Tensor>& P_zero,
                   const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, bool right, int64_t isa) {
@@ -103,7 +109,7 @@ at::Tensor dequantize(const at::Tensor& packed, const at::Tensor& scale_in, cons
   const float* sp = scale.data_ptr<float>();
   const float* zp = zero.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, r, 1, [&](int64_t j0, int64_t j1) {
+  at::parallel_for(0, r, elementwise_grain(k), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       for (int64_t c = 0; c < k; ++c) {
         const uint8_t b = qp[j * half + c / 2];
@@ -150,8 +156,7 @@ void moments(const at::Tensor& R, const at::Tensor& exp_avg, const at::Tensor& e
   const float b1 = static_cast<float>(beta1), c1 = static_cast<float>(1.0 - beta1);
   const float b2 = static_cast<float>(beta2), c2 = static_cast<float>(1.0 - beta2);
   const float e = static_cast<float>(eps);
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, rows, elementwise_grain(cols), [&](int64_t i0, int64_t i1) {
     std::vector<float> nrow(cols);
     for (int64_t i = i0; i < i1; ++i) {
       const float* g = rp + i * cols;
@@ -187,7 +192,7 @@ inline void scatter_row_to_panels(const float* row, int64_t j, int64_t rows, int
 void pack_basis(const at::Tensor& Pf, int64_t tile, float* out) {
   const int64_t r = Pf.size(0), k = Pf.size(1);
   const float* pp = Pf.data_ptr<float>();
-  at::parallel_for(0, r, 1, [&](int64_t j0, int64_t j1) {
+  at::parallel_for(0, r, elementwise_grain(k), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) scatter_row_to_panels(pp + j * k, j, r, k, tile, out);
   });
 }
@@ -251,8 +256,8 @@ void lowrank_adam_step(const at::Tensor& W, const at::Tensor& G, const at::Tenso
   // A column chunk of B of about 128 KiB stays in L2 while the row panels pass.
   p.col_panels = std::max<int64_t>(1, 32768 / (r * nr));
   auto kernel = isa >= kIsaAvx512 ? adam::update_avx512 : isa == kIsaAvx2 ? adam::update_avx2 : adam::update_generic;
-  // Work items of at least ~32K elements of W.
-  const int64_t grain = std::max<int64_t>(1, 32768 / (mr * std::max<int64_t>(n, 1)));
+  // Work items of at least ~2 MFLOP (tens of microseconds).
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 21) / (mr * n * 2 * r));
   at::parallel_for(0, row_panels, grain, [&](int64_t p0, int64_t p1) { kernel(p, p0, p1); });
 }
 
