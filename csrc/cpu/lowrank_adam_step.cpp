@@ -178,7 +178,7 @@ void moments(const at::Tensor& R, const at::Tensor& exp_avg, const at::Tensor& e
 
 // Row j of a [rows, cols] matrix into panels of `tile` columns: element (j, c) to
 // out[(c/tile)·rows·tile + j·tile + c%tile] (the B layout of [r, n], the A layout of
-// the transpose of [r, m]). Panels zero-padded by the caller.
+// the transpose of [r, m]). Padding: the caller zeroes it.
 inline void scatter_row_to_panels(const float* row, int64_t j, int64_t rows, int64_t cols, int64_t tile, float* out) {
   for (int64_t c0 = 0, p = 0; c0 < cols; c0 += tile, ++p) {
     const int64_t cnt = std::min(tile, cols - c0);
@@ -216,8 +216,11 @@ void lowrank_adam_step(const at::Tensor& W, const at::Tensor& G, const at::Tenso
 
   const int64_t mr = adam::kTileMr, nr = tile_nr(isa);
   const int64_t row_panels = (m + mr - 1) / mr, col_panels = (n + nr - 1) / nr;
-  at::Tensor A = at::zeros({row_panels * r * mr}, Pf.options());
-  at::Tensor B = at::zeros({col_panels * r * nr}, Pf.options());
+  // Only the last panel of each has padding (zeros) beyond the rows/columns written.
+  at::Tensor A = at::empty({row_panels * r * mr}, Pf.options());
+  at::Tensor B = at::empty({col_panels * r * nr}, Pf.options());
+  A.narrow(0, (row_panels - 1) * r * mr, r * mr).zero_();
+  B.narrow(0, (col_panels - 1) * r * nr, r * nr).zero_();
   float* A_out = A.data_ptr<float>();
   float* B_out = B.data_ptr<float>();
   if (right) {

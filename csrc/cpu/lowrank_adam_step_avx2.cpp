@@ -28,6 +28,8 @@ namespace adam {
 namespace avx2_impl {
 
 #include "simd_avx2.h"
+inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V vsub(V a, V b) { return _mm256_sub_ps(a, b); }
 #include "lowrank_adam_step_kernel.h"
 
 static_assert(kNR == kTileNrAvx2 && kMR == kTileMr, "the driver packs panels for this tile");

@@ -33,6 +33,8 @@ namespace adam {
 namespace avx512_impl {
 
 #include "simd_avx512.h"
+inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
 #include "lowrank_adam_step_kernel.h"
 
 static_assert(kNR == kTileNrAvx512 && kMR == kTileMr, "the driver packs panels for this tile");

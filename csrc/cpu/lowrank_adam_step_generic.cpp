@@ -20,6 +20,16 @@ namespace adam {
 namespace generic_impl {
 
 #include "simd_generic.h"
+inline V vmul(V a, V b) {
+  V r;
+  for (int i = 0; i < kW; ++i) r.x[i] = a.x[i] * b.x[i];
+  return r;
+}
+inline V vsub(V a, V b) {
+  V r;
+  for (int i = 0; i < kW; ++i) r.x[i] = a.x[i] - b.x[i];
+  return r;
+}
 #include "lowrank_adam_step_kernel.h"
 
 static_assert(kNR == kTileNrGeneric && kMR == kTileMr, "the driver packs panels for this tile");

@@ -5,7 +5,9 @@
 //
 // One pass over W: per register tile of kMR rows x kNR columns, U = A_panel·B_panel
 // over the rank (kMR·kNV accumulators, both panels read contiguously), then the
-// epilogue on W in place: W − step_size·U, the decoupled decay, the rounding. Column
+// epilogue on W in place: W − step_size·U, the decoupled decay, the rounding (a full
+// float32 tile straight from the registers). Besides simd_*.h's interface the
+// including file provides vmul and vsub. Column
 // panels are walked in chunks of p.col_panels so that the chunk of B (r x chunk
 // floats) stays in L2 while the A panels of the rows stream past it. Each element of
 // W is one fixed sequence of float operations, whoever runs its tile.
@@ -40,9 +42,8 @@ inline uint32_t to_bits(float f) {
   return b;
 }
 
-// T [kMR, kNR] = A panel [r][kMR] · B panel [r][kNR].
-inline void tile(const float* A, const float* B, int64_t r, float* T) {
-  V acc[kMR][kNV];
+// acc [kMR][kNV] = A panel [r][kMR] · B panel [r][kNR].
+inline void products(const float* A, const float* B, int64_t r, V (&acc)[kMR][kNV]) {
   SVDK_ADAM_UNROLL for (int i = 0; i < kMR; ++i) {
     SVDK_ADAM_UNROLL for (int v = 0; v < kNV; ++v) acc[i][v] = vzero();
   }
@@ -54,8 +55,19 @@ inline void tile(const float* A, const float* B, int64_t r, float* T) {
       SVDK_ADAM_UNROLL for (int v = 0; v < kNV; ++v) acc[i][v] = vfma(a, b[v], acc[i][v]);
     }
   }
+}
+
+// A full float32 tile of W (kMR rows from w, row stride n) updated straight from the
+// accumulators: w − s·u, then − decay·(that) when decay ≠ 0 (as apply_f32).
+inline void apply_tile_f32(float* w, int64_t n, const V (&acc)[kMR][kNV], float s, float decay) {
+  const V vs = vset1(s), vd = vset1(decay);
   SVDK_ADAM_UNROLL for (int i = 0; i < kMR; ++i) {
-    SVDK_ADAM_UNROLL for (int v = 0; v < kNV; ++v) vstore(T + i * kNR + v * kW, acc[i][v]);
+    SVDK_ADAM_UNROLL for (int v = 0; v < kNV; ++v) {
+      float* at = w + i * n + v * kW;
+      V y = vsub(vload(at), vmul(vs, acc[i][v]));
+      if (decay != 0.0f) y = vsub(y, vmul(vd, y));
+      vstore(at, y);
+    }
   }
 }
 
@@ -124,9 +136,18 @@ inline void update_panels(const Params& p, int64_t p0, int64_t p1) {
             __builtin_prefetch(static_cast<const char*>(p.W) + ((i0 + i) * n + (jp + 1) * kNR) * esize, 1, 3);
           }
         }
-        tile(Ap, p.B + jp * r * kNR, r, T);
+        V acc[kMR][kNV];
+        products(Ap, p.B + jp * r * kNR, r, acc);
         const int64_t c0 = jp * kNR;
         const int64_t cnt = n - c0 < kNR ? n - c0 : kNR;
+        if (!p.bf16 && nrow == kMR && cnt == kNR) {
+          apply_tile_f32(static_cast<float*>(p.W) + i0 * n + c0, n, acc, p.step_size, p.decay);
+          continue;
+        }
+        // bfloat16 or a partial tile: through T, element by element.
+        SVDK_ADAM_UNROLL for (int i = 0; i < kMR; ++i) {
+          SVDK_ADAM_UNROLL for (int v = 0; v < kNV; ++v) vstore(T + i * kNR + v * kW, acc[i][v]);
+        }
         for (int64_t i = 0; i < nrow; ++i) {
           const int64_t off = (i0 + i) * n + c0;
           if (p.bf16) {
