@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "cpu/kron_linear.h"
+#include "cpu/lowrank_adam_step.h"
 #include "cpu/lowrank_attention.h"
 #include "cpu/lowrank_quant.h"
 
@@ -45,6 +46,13 @@ TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
   m.def(
       "_cpp_lowrank_w4a4_gemm(Tensor xq, Tensor xscale, Tensor qweight, Tensor scales, Tensor lowrank_act, "
       "Tensor L_up, Tensor? bias, bool unsigned, int isa=-1) -> Tensor");
+
+  // lowrank_adam_step (csrc/cpu/lowrank_adam_step.cpp): one GaLore Adam step of a
+  // float32/bfloat16 W, in place on W and the moments. isa as above (3 runs as 2).
+  m.def(
+      "_cpp_lowrank_adam_step(Tensor(a!) W, Tensor G, Tensor P, Tensor? P_scale, Tensor? P_zero, "
+      "Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, bool right, float beta1, float beta2, float eps, "
+      "float step_size, float decay, int? sr_seed, int isa=-1) -> ()");
 }
 
 // A module with no Python functions: importing it is what loads the library.

@@ -5,7 +5,8 @@ updates Adam's moments in rank space, back-projects the normalised step and appl
 and the decoupled weight decay to the weight, all in place. Schema, fake
 implementation, validation and backend dispatch live here; the math in
 ``svdkernels/reference/lowrank_adam_step.py``; the fused kernels in
-``svdkernels/triton/lowrank_adam_step.py``.
+``svdkernels/triton/lowrank_adam_step.py`` (CUDA) and ``csrc/cpu/lowrank_adam_step.cpp``
+(CPU, float32 and bfloat16 weights, through ``svdkernels/ops/lowrank_adam_step_cpp.py``).
 
 The basis travels as ``P [r, k]`` float32 rows, or packed int4 ``P [r, ceil(k/2)]``
 uint8 with ``P_scale, P_zero [r, ceil(k/256)]`` float32 (the layout of
@@ -17,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from svdkernels.backends import select_backend, traced_triton
+from svdkernels.backends import requested_backend, select_backend, traced_triton
+from svdkernels.ops import lowrank_adam_step_cpp as cpp_backend
 from svdkernels.ops.registration import triton_op
 from svdkernels.reference import lowrank_adam_step as reference
 from svdkernels.reference.lowrank_adam_step import (  # noqa: F401  (re-exported for the layers)
@@ -134,8 +136,17 @@ def _lowrank_adam_step_dispatch_op(
 ) -> None:
     """Opaque to tracing: every backend of ``lowrank_adam_step`` (inputs validated)."""
     args = (W, G, P, P_scale, P_zero, exp_avg, exp_avg_sq, right, beta1, beta2, eps, step_size, decay, sr_seed)
-    if select_backend("lowrank_adam_step", W.device) == "triton":
+    backend = select_backend("lowrank_adam_step", W.device, has_cpp=True)
+    if backend == "cpp" and not cpp_backend.cpp_supports(W, exp_avg, exp_avg_sq):
+        if requested_backend() == "cpp":
+            raise RuntimeError("lowrank_adam_step: the cpp backend takes contiguous float32 or bfloat16 CPU weights "
+                               f"and moments, got a {W.device.type} {W.dtype} W (contiguous: W {W.is_contiguous()}, "
+                               f"exp_avg {exp_avg.is_contiguous()}, exp_avg_sq {exp_avg_sq.is_contiguous()})")
+        backend = "reference"
+    if backend == "triton":
         _triton_step(*args)
+    elif backend == "cpp":
+        cpp_backend.lowrank_adam_step(*args)
     else:
         reference.lowrank_adam_step(*args)
 
@@ -158,7 +169,7 @@ def lowrank_adam_step_op(
     opaque ``_lowrank_adam_step_dispatch``."""
     args = (W, G, P, P_scale, P_zero, exp_avg, exp_avg_sq, right, beta1, beta2, eps, step_size, decay, sr_seed)
     validate(*args)
-    if traced_triton("lowrank_adam_step", W.device):
+    if traced_triton("lowrank_adam_step", W.device, has_cpp=True):
         _triton_step(*args)
     else:
         torch.ops.svdkernels._lowrank_adam_step_dispatch(*args)
@@ -205,7 +216,9 @@ def lowrank_adam_step(
 
     On CUDA one kernel projects and updates the moments (writing only the rank-size
     ``N``) and a second back-projects tile by tile into ``W``: the only full-size
-    memory traffic is reading ``G`` and reading and writing ``W`` once.
+    memory traffic is reading ``G`` and reading and writing ``W`` once. On the CPU
+    (float32 and bfloat16 weights, the C++ extension built) the projection is a GEMM
+    and one register-tiled pass back-projects into ``W`` with no full-size temporary.
 
     Example::
 
