@@ -83,6 +83,25 @@ def _check_choice(name: str, value: object, choices: Sequence[object]) -> Any:
     return value
 
 
+# The plain-number entries of a parameter's state and their lower bounds (step counters,
+# the refresh schedule, a random basis's seed, layerwise's micro-batch counter).
+_STATE_INTS = {"step": 0, "next_refresh": 0, "gap": 1, "refreshes": 0, "basis_seed": 0, "micro_batch": 0}
+
+
+def _check_state_scalar(where: str, key: str, value: object) -> None:
+    """A loaded state's non-tensor entry has the type (and range) the optimiser writes:
+    a wrong one would only fail later, inside a step."""
+    if key in _STATE_INTS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < _STATE_INTS[key]:
+            raise ValueError(f"{where}: expected {key} an int >= {_STATE_INTS[key]}, got {value!r}")
+    elif key == "cosines":
+        if not isinstance(value, list) or not all(isinstance(c, (int, float)) and not isinstance(c, bool)
+                                                  and math.isfinite(c) for c in value):
+            raise ValueError(f"{where}: expected cosines a list of finite numbers, got {value!r}")
+    elif key == "window_nonfinite" and value not in (0, 1):  # layerwise's flag, stored as 0/1
+        raise ValueError(f"{where}: expected window_nonfinite 0 or 1, got {value!r}")
+
+
 class LowRankAdamW(torch.optim.Optimizer):
     """AdamW whose low-rank groups keep their state in a rank-``r`` projection (GaLore).
 
@@ -717,10 +736,17 @@ class LowRankAdamW(torch.optim.Optimizer):
             if pid not in id_to_param:
                 raise ValueError(f"state_dict: state for parameter id {pid}, which no param group lists")
             group, gi, pi, p = id_to_param[pid]
+            if not isinstance(st, dict):
+                raise TypeError(f"state_dict: parameter {self._name(group, gi, pi, p)}: expected a dict of "
+                                f"state entries, got {type(st).__name__}")
             for key, value in st.items():
+                _check_state_scalar(f"state_dict: parameter {self._name(group, gi, pi, p)}", key, value)
+                want = self._expected(group, p, key)
+                if want is not None and not isinstance(value, torch.Tensor):
+                    raise TypeError(f"state_dict: parameter {self._name(group, gi, pi, p)}: expected {key} a "
+                                    f"tensor, got {type(value).__name__}")
                 if not isinstance(value, torch.Tensor):
                     continue
-                want = self._expected(group, p, key)
                 if want is not None and (tuple(value.shape) != tuple(want[0]) or value.dtype != want[1]):
                     raise ValueError(f"state_dict: parameter {self._name(group, gi, pi, p)}: expected {key} of "
                                      f"shape {list(want[0])} and dtype {want[1]}, got shape {list(value.shape)} "
