@@ -53,6 +53,11 @@ TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
       "_cpp_lowrank_adam_step(Tensor(a!) W, Tensor G, Tensor P, Tensor? P_scale, Tensor? P_zero, "
       "Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, bool right, float beta1, float beta2, float eps, "
       "float step_size, float decay, int? sr_seed, int isa=-1) -> ()");
+  // The same step from the projected gradient R (rank-space accumulation, train/layerwise).
+  m.def(
+      "_cpp_lowrank_adam_step_projected(Tensor(a!) W, Tensor R, Tensor P, "
+      "Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, bool right, float beta1, float beta2, float eps, "
+      "float step_size, float decay, int? sr_seed, int isa=-1) -> ()");
 }
 
 // A module with no Python functions: importing it is what loads the library.

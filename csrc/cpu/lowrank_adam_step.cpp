@@ -53,7 +53,7 @@ int64_t elementwise_grain(int64_t cols) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
 }
 
-void check_inputs(const at::Tensor& W, const at::Tensor& G, const at::Tensor& P,
+void check_inputs(const at::Tensor& W, const at::Tensor* G, const at::Tensor& P,
                   const std::optional<at::Tensor>& P_scale, const std::optional<at::Tensor>& P_zero,
                   const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, bool right, int64_t isa) {
   TORCH_CHECK_VALUE(W.device().is_cpu(), "W: expected a CPU tensor, got ", W.device());
@@ -62,9 +62,11 @@ void check_inputs(const at::Tensor& W, const at::Tensor& G, const at::Tensor& P,
   TORCH_CHECK_VALUE(W.dim() == 2 && W.is_contiguous(), "W: expected a contiguous [m, n], got ", W.sizes(),
                     W.is_contiguous() ? "" : " (not contiguous)");
   const int64_t m = W.size(0), n = W.size(1), k = right ? n : m;
-  TORCH_CHECK_TYPE(G.scalar_type() == W.scalar_type(), "G: expected dtype ", W.scalar_type(), " (that of W), got ",
-                   G.scalar_type());
-  TORCH_CHECK_VALUE(G.sizes() == W.sizes(), "G: expected shape ", W.sizes(), " (that of W), got ", G.sizes());
+  if (G != nullptr) {
+    TORCH_CHECK_TYPE(G->scalar_type() == W.scalar_type(), "G: expected dtype ", W.scalar_type(), " (that of W), got ",
+                     G->scalar_type());
+    TORCH_CHECK_VALUE(G->sizes() == W.sizes(), "G: expected shape ", W.sizes(), " (that of W), got ", G->sizes());
+  }
   TORCH_CHECK_VALUE(P.dim() == 2 && P.size(0) >= 1 && P.size(0) <= std::min(m, n),
                     "P: expected [r, k] with 1 <= r <= min(m, n) = ", std::min(m, n), ", got ", P.sizes());
   const int64_t r = P.size(0);
@@ -203,16 +205,13 @@ int64_t tile_nr(int64_t isa) {
 
 }  // namespace
 
-void lowrank_adam_step(const at::Tensor& W, const at::Tensor& G, const at::Tensor& P,
-                       const std::optional<at::Tensor>& P_scale, const std::optional<at::Tensor>& P_zero,
-                       const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, bool right, double beta1,
-                       double beta2, double eps, double step_size, double decay, std::optional<int64_t> sr_seed,
-                       int64_t isa) {
-  check_inputs(W, G, P, P_scale, P_zero, exp_avg, exp_avg_sq, right, isa);
-  if (isa == kIsaAuto) isa = best_isa();
-  const int64_t m = W.size(0), n = W.size(1), k = right ? n : m, r = P.size(0);
-  const at::Tensor Pf = P.scalar_type() == at::kByte ? dequantize(P, *P_scale, *P_zero, k) : P.contiguous();
-  const at::Tensor R = project(G, Pf, right);
+namespace {
+
+// Steps 2 and 3 from the projection R and the float32 basis Pf (isa resolved).
+void step_from_projection(const at::Tensor& W, const at::Tensor& R, const at::Tensor& Pf, const at::Tensor& exp_avg,
+                          const at::Tensor& exp_avg_sq, bool right, double beta1, double beta2, double eps,
+                          double step_size, double decay, std::optional<int64_t> sr_seed, int64_t isa) {
+  const int64_t m = W.size(0), n = W.size(1), r = Pf.size(0);
 
   const int64_t mr = adam::kTileMr, nr = tile_nr(isa);
   const int64_t row_panels = (m + mr - 1) / mr, col_panels = (n + nr - 1) / nr;
@@ -264,8 +263,39 @@ void lowrank_adam_step(const at::Tensor& W, const at::Tensor& G, const at::Tenso
   at::parallel_for(0, row_panels, grain, [&](int64_t p0, int64_t p1) { kernel(p, p0, p1); });
 }
 
+}  // namespace
+
+void lowrank_adam_step(const at::Tensor& W, const at::Tensor& G, const at::Tensor& P,
+                       const std::optional<at::Tensor>& P_scale, const std::optional<at::Tensor>& P_zero,
+                       const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, bool right, double beta1,
+                       double beta2, double eps, double step_size, double decay, std::optional<int64_t> sr_seed,
+                       int64_t isa) {
+  check_inputs(W, &G, P, P_scale, P_zero, exp_avg, exp_avg_sq, right, isa);
+  if (isa == kIsaAuto) isa = best_isa();
+  const int64_t k = right ? W.size(1) : W.size(0);
+  const at::Tensor Pf = P.scalar_type() == at::kByte ? dequantize(P, *P_scale, *P_zero, k) : P.contiguous();
+  step_from_projection(W, project(G, Pf, right), Pf, exp_avg, exp_avg_sq, right, beta1, beta2, eps, step_size, decay,
+                       sr_seed, isa);
+}
+
+void lowrank_adam_step_projected(const at::Tensor& W, const at::Tensor& R, const at::Tensor& P,
+                                 const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, bool right, double beta1,
+                                 double beta2, double eps, double step_size, double decay,
+                                 std::optional<int64_t> sr_seed, int64_t isa) {
+  TORCH_CHECK_TYPE(P.scalar_type() == at::kFloat, "P: expected a float32 basis (dequantise a packed one first), got ",
+                   P.scalar_type());
+  check_inputs(W, nullptr, P, std::nullopt, std::nullopt, exp_avg, exp_avg_sq, right, isa);
+  TORCH_CHECK_TYPE(R.scalar_type() == at::kFloat, "R: expected dtype float32, got ", R.scalar_type());
+  TORCH_CHECK_VALUE(R.sizes() == exp_avg.sizes(), "R: expected shape ", exp_avg.sizes(), " (that of exp_avg), got ",
+                    R.sizes());
+  if (isa == kIsaAuto) isa = best_isa();
+  step_from_projection(W, R, P.contiguous(), exp_avg, exp_avg_sq, right, beta1, beta2, eps, step_size, decay, sr_seed,
+                       isa);
+}
+
 TORCH_LIBRARY_IMPL(svdkernels, CPU, m) {
   m.impl("_cpp_lowrank_adam_step", &lowrank_adam_step);
+  m.impl("_cpp_lowrank_adam_step_projected", &lowrank_adam_step_projected);
 }
 
 }  // namespace cpu

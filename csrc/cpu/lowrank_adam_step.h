@@ -20,6 +20,13 @@ void lowrank_adam_step(const at::Tensor& W, const at::Tensor& G, const at::Tenso
                        double beta2, double eps, double step_size, double decay, std::optional<int64_t> sr_seed,
                        int64_t isa);
 
+// The same step from the projection R [m, r] (right) or [r, n] (left), float32, and a
+// float32 basis P [r, k] (GaLore's gradient accumulated in rank space).
+void lowrank_adam_step_projected(const at::Tensor& W, const at::Tensor& R, const at::Tensor& P,
+                                 const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, bool right, double beta1,
+                                 double beta2, double eps, double step_size, double decay,
+                                 std::optional<int64_t> sr_seed, int64_t isa);
+
 namespace adam {
 
 // The back-projection as a product of packed panels: U [rows, n] = A [rows, r]·B [r, n]

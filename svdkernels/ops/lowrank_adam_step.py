@@ -27,7 +27,6 @@ from svdkernels.reference.lowrank_adam_step import (  # noqa: F401  (re-exported
     basis_groups,
     bias_corrected_step_size,
     dequantize_basis,
-    projected_adam_step,
     quantize_basis,
     stochastic_round,
 )
@@ -126,6 +125,24 @@ def _triton_step(*args: object) -> None:
     from svdkernels.triton import lowrank_adam_step as triton_step  # on first use: never at import
 
     triton_step.lowrank_adam_step(*args)
+
+
+def projected_adam_step(
+    W: torch.Tensor, R: torch.Tensor, Pf: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+    right: bool, beta1: float, beta2: float, eps: float, step_size: float, decay: float, sr_seed: Optional[int],
+) -> None:
+    """The step after the projection, for gradients accumulated in rank space
+    (:mod:`svdkernels.train.projected_step`): ``R`` float32 ``[m, r]`` (right) or
+    ``[r, n]`` (left), ``Pf [r, k]`` the float32 basis; the rest as :func:`lowrank_adam_step`.
+    The C++ kernel where it takes the call (the same code as the fused step's after its
+    projection, so both give the same bits from the same ``R``), else the reference."""
+    if (select_backend("lowrank_adam_step", W.device, has_cpp=True) == "cpp"
+            and cpp_backend.cpp_supports(W, exp_avg, exp_avg_sq) and Pf.dtype == torch.float32):
+        cpp_backend.projected_adam_step(W, R.float(), Pf, exp_avg, exp_avg_sq, right, beta1, beta2, eps, step_size,
+                                        decay, sr_seed)
+    else:
+        reference.projected_adam_step(W, R, Pf, exp_avg, exp_avg_sq, right, beta1, beta2, eps, step_size, decay,
+                                      sr_seed)
 
 
 @torch.library.custom_op("svdkernels::_lowrank_adam_step_dispatch", mutates_args=("W", "exp_avg", "exp_avg_sq"))

@@ -47,3 +47,15 @@ def lowrank_adam_step(
     seed = None if sr_seed is None else sr_seed & 0xFFFFFFFF
     _ops()._cpp_lowrank_adam_step(W, G, P, P_scale, P_zero, exp_avg, exp_avg_sq, right, beta1, beta2, eps,
                                   step_size, decay, seed, isa)
+
+
+def projected_adam_step(
+    W: torch.Tensor, R: torch.Tensor, P: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+    right: bool, beta1: float, beta2: float, eps: float, step_size: float, decay: float,
+    sr_seed: Optional[int], *, isa: int = -1,
+) -> None:
+    """The step from the projected gradient ``R`` (float32, the moments' shape) and a
+    float32 basis ``P [r, k]``, as :func:`svdkernels.reference.lowrank_adam_step.projected_adam_step`."""
+    seed = None if sr_seed is None else sr_seed & 0xFFFFFFFF
+    _ops()._cpp_lowrank_adam_step_projected(W, R, P, exp_avg, exp_avg_sq, right, beta1, beta2, eps, step_size,
+                                            decay, seed, isa)

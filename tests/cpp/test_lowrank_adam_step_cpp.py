@@ -209,3 +209,47 @@ def test_random_shapes_against_reference():
             torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
         else:
             assert_bf16_close(got[0], want[0])
+
+
+# --- The projected entry (rank-space accumulation: train/layerwise) ---------------
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_NAMES.get)
+@pytest.mark.parametrize("right", [True, False], ids=["right", "left"])
+@pytest.mark.parametrize("dtype,sr_seed", [(torch.float32, None), (torch.bfloat16, 7)], ids=["f32", "bf16-sr"])
+def test_projected_entry_is_the_fused_step_after_its_projection(isa, right, dtype, sr_seed):
+    """From ``R = G·Pᵀ`` (or ``P·G``) the projected entry gives the fused step's bits."""
+    prob = problem(37, 53, 5, right, dtype, packed=False, carried=True)
+    W, G, P, _, _, m0, v0 = prob
+    want = run(cpp.lowrank_adam_step, prob, right, sr_seed, isa=isa)
+    R = G.float() @ P.T if right else P @ G.float()
+    w, m, v = W.clone(), m0.clone(), v0.clone()
+    cpp.projected_adam_step(w, R, P, m, v, right, STEP["beta1"], STEP["beta2"], STEP["eps"], STEP["step_size"],
+                            STEP["decay"], sr_seed, isa=isa)
+    for got, exp in zip((w, m, v), want):
+        assert torch.equal(got, exp)
+
+
+@pytest.mark.parametrize("right", [True, False], ids=["right", "left"])
+def test_projected_entry_against_the_reference(right):
+    prob = problem(70, 9, 4, right, torch.float32, packed=False, carried=True)
+    W, G, P, _, _, m0, v0 = prob
+    R = G @ P.T if right else P @ G
+    outs = []
+    for step in (cpp.projected_adam_step, ref.projected_adam_step):
+        w, m, v = W.clone(), m0.clone(), v0.clone()
+        step(w, R, P, m, v, right, STEP["beta1"], STEP["beta2"], STEP["eps"], STEP["step_size"], STEP["decay"], None)
+        outs.append((w, m, v))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_projected_entry_rejects_bad_projections():
+    W, G, P, _, _, m0, v0 = problem(37, 53, 5, True, torch.float32, packed=False, carried=False)
+    R = G @ P.T
+    call = lambda R_, P_: OPS._cpp_lowrank_adam_step_projected(  # noqa: E731
+        W.clone(), R_, P_, m0.clone(), v0.clone(), True, 0.9, 0.99, 1e-8, 1e-2, 0.0, None)
+    assert_raises_naming(lambda: call(R.T.contiguous(), P), ValueError, ["R:", "[37, 5]", "[5, 37]"])
+    assert_raises_naming(lambda: call(R.double(), P), TypeError, ["R:", "float32", "Double"])
+    packed, _, _ = ref.quantize_basis(P)
+    assert_raises_naming(lambda: call(R, packed), TypeError, ["P:", "float32", "Byte"])
