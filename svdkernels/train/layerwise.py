@@ -81,6 +81,10 @@ class LayerwiseHandle:
                 else:
                     self._consume(item)
         except BaseException:
+            # This backward pass is abandoned: drop the gradients still held, or the next
+            # backward would add its own onto them.
+            for it in self._held_items:
+                _free(it[3])
             self._reset()
             raise
 
@@ -129,6 +133,7 @@ class LayerwiseHandle:
         group, gi, pi, p, g = item
         opt = self.optimizer
         if not finite and not opt.skip_nonfinite:
+            _free(p)  # else every later backward adds onto the NaN and raises again
             raise ValueError(f"parameter {opt._name(group, gi, pi, p)}: non-finite gradient (NaN or inf); "
                              f"pass skip_nonfinite=True to skip such steps")
         if self.accumulate == 1:
