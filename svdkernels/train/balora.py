@@ -81,7 +81,8 @@ def _top_values(L: Tensor, k: int, route: str, seed: int) -> tuple[Tensor, Tenso
     N, V = L.shape[-2:]
     q = min(k + _OVERSAMPLE, N, V)
     if route == "exact":
-        S = torch.linalg.svdvals(L)
+        # LAPACK/cuSOLVER have no bfloat16/float16 SVD: singular values in float32, back in L's dtype.
+        S = torch.linalg.svdvals(L.float() if L.dtype in (torch.bfloat16, torch.float16) else L).to(L.dtype)
         return S[..., :k], S
     with torch.no_grad():
         U, _, Vh = rsvd(L.detach(), q, seed=seed)

@@ -65,6 +65,12 @@ def _check_factors(B_clients: Sequence[Tensor] | Tensor, A: Tensor) -> Tensor:
         if B.dtype != A.dtype or B.device != A.device:
             raise ValueError(f"B_clients[{k}]: expected dtype {A.dtype} on {A.device} (that of A), "
                              f"got {B.dtype} on {B.device}")
+    # A NaN/inf would only surface as a LinAlgError from the QR/SVD below.
+    if not bool(torch.isfinite(A).all()):
+        raise ValueError("A: expected finite values, got NaN or inf")
+    for k, B in enumerate(Bs):
+        if not bool(torch.isfinite(B).all()):
+            raise ValueError(f"B_clients[{k}]: expected finite values, got NaN or inf")
     m = Bs[0].shape[0]
     if Bs[0].shape[1] != r:
         raise ValueError(f"B_clients: expected [out, r] with r = {r} (A is {list(A.shape)}), "
@@ -198,6 +204,8 @@ def _check_clients(clients: object) -> list[tuple[Tensor, Tensor]]:
         if x.shape[0] != y.shape[0] or x.shape[0] < 1:
             raise ValueError(f"clients[{k}]: expected x and y with the same number n >= 1 of samples, "
                              f"got x {list(x.shape)}, y {list(y.shape)}")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"clients[{k}]: expected finite samples x, got NaN or inf")
         if x.shape[1:] != clients[0][0].shape[1:]:
             raise ValueError(f"clients[{k}]: expected samples of shape {list(clients[0][0].shape[1:])} "
                              f"(those of client 0), got {list(x.shape[1:])}")
@@ -302,6 +310,10 @@ class FedSVD:
                 grads = dp_gradients(self.model, params, xb, yb, loss_fn=self.loss_fn, clip=self.clip,
                                      noise_multiplier=self.noise_multiplier, generator=gen)
             params = {n: (p.detach() - self.lr * grads[n]).detach() for n, p in params.items()}
+        if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+            # The data are finite (checked at construction): the step size made the SGD diverge.
+            raise ValueError(f"lr: client {k}'s local training diverged in round {t} (NaN or inf factors); "
+                             f"expected a smaller lr, got {self.lr}")
         return params
 
     def aggregate(self, updates: Sequence[dict[str, Tensor]]) -> None:
@@ -309,6 +321,11 @@ class FedSVD:
         order); the model then holds the new global factors."""
         if len(updates) != len(self.clients):
             raise ValueError(f"updates: expected one per client ({len(self.clients)}), got {len(updates)}")
+        for k, u in enumerate(updates):
+            bad = [n for n, t in u.items() if not bool(torch.isfinite(t).all())]
+            if bad:  # a diverged client would poison the global factors (or fail the server's SVD)
+                raise ValueError(f"updates[{k}]: expected finite factors, got NaN or inf in {bad} (client {k}'s "
+                                 f"local training diverged: lr = {self.lr} too large, or its data not finite)")
         w = [float(c[0].shape[0]) for c in self.clients]
         new = {}
         for n in self.layers:

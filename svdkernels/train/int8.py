@@ -102,6 +102,11 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias: expected a bool, got {type(bias).__name__}")
         self.in_features, self.out_features = in_features, out_features
         self.qweight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
                                     requires_grad=False)
@@ -134,6 +139,10 @@ class Int8Linear(nn.Module):
         return dequantize_int8(self.qweight, self.scales, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 \
+                or x.shape[-1] != self.in_features:
+            got = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected a floating-point tensor [..., {self.in_features}], got {got}")
         return _Int8LinearFn.apply(x, self.qweight, self.scales, self.bias)
 
     def extra_repr(self) -> str:

@@ -169,7 +169,7 @@ class RankDecay:
         targets: ``None`` (all ``nn.Linear``), a regex or a list of names / suffixes.
 
     Call :meth:`step` once per optimiser step (pass the optimiser so the state of
-    resized factors is dropped). After ``every·(⌊log2(start_rank)⌋ + 1)`` steps
+    resized factors is dropped). After ``every·(max(1, ⌊log2(start_rank)⌋) + 1)`` steps
     (:attr:`total_steps`) ``Φ`` is gone everywhere (:attr:`finished`).
     """
 
@@ -223,7 +223,8 @@ class RankDecay:
 
     @property
     def total_steps(self) -> int:
-        halvings = int(math.floor(math.log2(self.start_rank))) if self.start_rank >= 2 else 0
+        # Rank 1 is halved once too (straight to 0), then fades like any other rank.
+        halvings = max(1, int(math.floor(math.log2(self.start_rank))))
         return self.every * (halvings + 1)
 
     @property

@@ -212,3 +212,421 @@ def test_load_state_dict(data):
         for k, v in st_.items():
             w = after["state"][p_id][k]
             assert (torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w), (what, k)
+
+
+# --------------------------------------------------------------------- lowrank_adam_step (op)
+
+
+@fuzz(40)
+@given(st.data())
+def test_lowrank_adam_step_op(data):
+    """The public op against the float64-free reference on copies: shapes, dtypes, packed
+    int4 bases, sides, hyper-parameters; bad ones raise naming the argument."""
+    m, n = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 6))
+    side = data.draw(st.sampled_from(["right", "left"] * 4 + ["up", None]))
+    right = side != "left"
+    k = n if right else m
+    r = data.draw(st.integers(1, max(1, min(m, n))))
+    dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
+    bad = data.draw(st.sampled_from([None] * 12 + ["G_shape", "G_dtype", "P_shape", "P_dtype", "r", "packed",
+                                                  "scale", "moments", "moment_dtype", "betas", "eps", "step",
+                                                  "sr", "W_dtype", "W_dim"]))
+    W, fw = data.draw(values((m, n), dtype, special=False, magnitudes=(1.0, 1e-3, 1e3)))
+    G, fg = data.draw(values((m, n) if bad != "G_shape" else (m + 1, n), dtype,
+                             special=data.draw(st.booleans()), magnitudes=(1.0, 1e-3, 1e3)))
+    if bad == "G_dtype":
+        G = G.to(torch.float64)
+    P = torch.linalg.qr(torch.randn(k, r + (1 if bad == "r" else 0)))[0].T.contiguous()  # [r, k] orthonormal rows
+    if bad == "r" and P.shape[0] <= min(m, n):
+        P = torch.randn(min(m, n) + 1, k)
+    P_scale = P_zero = None
+    packed = data.draw(st.booleans())
+    if packed:
+        P, P_scale, P_zero = quantize_basis(P.unsqueeze(0))
+        P, P_scale, P_zero = P[0], P_scale[0], P_zero[0]
+        if bad == "packed":
+            P = torch.zeros(P.shape[0], P.shape[1] + 1, dtype=torch.uint8)
+        if bad == "scale":
+            which = data.draw(st.sampled_from(["none", "dtype", "shape"]))
+            P_scale = None if which == "none" else P_scale.double() if which == "dtype" else P_scale[:, :0]
+    elif bad == "scale":
+        P_scale = torch.ones(P.shape[0], 1)
+    if bad == "P_shape":
+        P = P[:, :-1] if P.shape[1] > 1 else torch.zeros(P.shape[0], 3)
+    if bad == "P_dtype":
+        P = P.to(torch.float16) if not packed else P.to(torch.int8)
+    rr = P.shape[0]
+    shape_m = (m, rr) if right else (rr, n)
+    m1 = torch.zeros(shape_m if bad != "moments" else (shape_m[0] + 1, shape_m[1]))
+    m2 = torch.rand(shape_m)
+    if bad == "moment_dtype":
+        m2 = m2.to(torch.bfloat16)
+    betas = (0.9, 0.999) if bad != "betas" else data.draw(st.sampled_from([(1.0, 0.9), (0.9,), (0.9, -0.1),
+                                                                           ("a", 0.9)]))
+    eps = 1e-8 if bad != "eps" else data.draw(st.sampled_from([-1.0, "1e-8", None]))
+    step_size = data.draw(st.floats(0.0, 0.1)) if bad != "step" else data.draw(st.sampled_from(["x", None]))
+    sr = data.draw(st.sampled_from([None, None, 7])) if bad != "sr" else data.draw(st.sampled_from([1.5, "7", True]))
+    if bad == "W_dtype":
+        W = W.to(torch.float64)
+    if bad == "W_dim":
+        W = W.reshape(-1)
+    args = (W, G, P, m1, m2)
+    kw = dict(step_size=step_size, side=side, betas=betas, eps=eps, P_scale=P_scale, P_zero=P_zero, sr_seed=sr)
+    ref = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
+    out = run_case("lowrank_adam_step", lambda: svdkernels.lowrank_adam_step(*args, **kw),
+                   ["W", "G", "P", "exp_avg", "exp_avg_sq", "step_size", "side", "betas", "eps", "decay",
+                    "P_scale", "P_zero", "sr_seed", "P_scale, P_zero",
+                    "beta1", "beta2"],  # validate() names betas' halves (reported; see the module's notes)
+                   finite_input=fw and fg)
+    if bad is None and side in ("right", "left") and (sr is None or W.is_contiguous()):
+        assert out.ok, out.error  # (sr_seed keys the rounding by flat index: a strided W is refused)
+    if not out.ok or not (fw and fg):
+        return
+    reference_step(ref[0], ref[1], ref[2], P_scale, P_zero, ref[3], ref[4], right, betas[0], betas[1], eps,
+                   step_size, 0.0, sr)
+    # A backend may fuse or order the products differently from the reference: fp32 rounding
+    # (relative to the tensor's largest entry); half precision: one ulp of W's final rounding.
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for got, want in zip((W, m1, m2), ref[:1] + ref[3:]):
+        err = float((got.double() - want.double()).abs().max()) if got.numel() else 0.0
+        assert err <= tol * (float(want.double().abs().max()) + 1e-30), err
+
+
+# --------------------------------------------------------------------- param groups, layerwise
+
+
+@fuzz(25)
+@given(st.data())
+def test_lowrank_param_groups_and_layerwise(data):
+    model = mlp(data.draw)
+    bad = data.draw(st.sampled_from([None] * 5 + ["targets", "rank", "option", "accumulate", "optimizer",
+                                                  "foreign"]))
+    targets = data.draw(st.sampled_from([None, ["0"], r"\d"]))
+    if bad == "targets":
+        targets = data.draw(st.sampled_from([3, ["nope"], [1], "x+"]))
+    rank = 1 if bad != "rank" else data.draw(st.sampled_from([0, 9, 1.5, "1", None]))
+    opts = {} if bad != "option" else {data.draw(st.sampled_from(["update_gap", "scale", "projector"])): -1}
+    groups = run_case("lowrank_param_groups", lambda: lowrank_param_groups(model, targets, rank=rank, **opts),
+                      ["model", "targets", "rank", *opts], finite_input=True)
+    if not groups.ok:
+        return
+    built = run_case("LowRankAdamW()", as_params_error(lambda: LowRankAdamW(groups.value, update_gap=2)), OPT_ARGS,
+                     finite_input=True)
+    if not built.ok:
+        assert bad in ("rank", "option"), built.error
+        return
+    opt = built.value
+    accumulate = data.draw(st.integers(1, 3)) if bad != "accumulate" else \
+        data.draw(st.sampled_from([0, -1, 1.5, True, "2", None]))
+    target_model = model if bad != "foreign" else mlp(data.draw)
+    target_opt = opt if bad != "optimizer" else torch.optim.AdamW(model.parameters())
+    handle = run_case("layerwise", lambda: layerwise(target_model, target_opt, accumulate=accumulate),
+                      ["model", "optimizer", "accumulate"], finite_input=True)
+    if not handle.ok:
+        assert bad in ("accumulate", "foreign", "optimizer"), handle.error
+        return
+    x = torch.randn(3, model[0].in_features)
+    nan_at = data.draw(st.sampled_from([None, 0, 1]))
+    skip = data.draw(st.booleans())
+    opt.skip_nonfinite = skip
+    for i in range(2 * accumulate):
+        loss = model(x * (math.nan if i == nan_at else 1.0)).square().sum()
+        out = run_case("layerwise (backward)", as_params_error(loss.backward), OPT_ARGS, finite_input=i != nan_at)
+        if not out.ok:
+            assert i == nan_at and not skip, out.error
+            # The abandoned backward leaves nothing behind: the next finite one steps.
+            run_case("layerwise (backward after a raise)", model(x).square().sum().backward, OPT_ARGS,
+                     finite_input=True)
+            assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+            break
+    handle.value.remove()
+    if nan_at is None or skip:
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --------------------------------------------------------------------- layers
+
+
+@fuzz(30)
+@given(st.data())
+def test_int8_linear(data):
+    bad = data.draw(st.sampled_from([None] * 3 + ["in", "out", "bias", "linear", "x", "x_dtype", "weight"]))
+    i, o = data.draw(st.integers(1, 8)), data.draw(st.integers(1, 8))
+    if bad in ("in", "out"):
+        v = data.draw(st.sampled_from([0, -1, 1.5, None, True]))
+        i, o = (v, o) if bad == "in" else (i, v)
+    use_bias = True if bad != "bias" else data.draw(st.sampled_from([1, "yes", None]))
+    if data.draw(st.booleans()) or bad in ("in", "out", "bias"):
+        out = run_case("Int8Linear()", lambda: Int8Linear(i, o, use_bias),
+                       ["in_features", "out_features", "bias", "device", "dtype"], finite_input=True)
+        if not out.ok:
+            return
+        layer = out.value
+    else:
+        lin = nn.Linear(i, o)
+        W, finite = data.draw(values((o, i), special=bad == "weight", magnitudes=(1.0, 1e-3, 1e3, 1e-30)))
+        with torch.no_grad():
+            lin.weight.copy_(W)
+        arg = lin if bad != "linear" else data.draw(st.sampled_from([W, None, nn.Conv1d(1, 1, 1)]))
+        out = run_case("Int8Linear.from_linear", lambda: Int8Linear.from_linear(arg), ["linear"],
+                       finite_input=finite)
+        if not out.ok:
+            return
+        layer = out.value
+    x, fx = data.draw(values((2, layer.in_features + (1 if bad == "x" else 0)), special=False))
+    if bad == "x_dtype":
+        x = x.to(torch.int32)
+    run_case("Int8Linear.forward", lambda: layer(x), ["x", "input"], finite_input=fx)
+
+
+@fuzz(30)
+@given(st.data())
+def test_lost(data):
+    bad = data.draw(st.sampled_from([None] * 4 + ["in", "out", "rank", "channels", "model", "targets", "weight"]))
+    i, o = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 6))
+    rank = data.draw(st.integers(1, min(i, o)))
+    c = data.draw(st.integers(0, i))
+    if bad == "rank":
+        rank = data.draw(st.sampled_from([0, min(i, o) + 1, 1.5, None]))
+    if bad == "channels":
+        c = data.draw(st.sampled_from([-1, i + 1, 0.5, None]))
+    if data.draw(st.booleans()):
+        ii, oo = (data.draw(st.sampled_from([0, -2, 2.0])) if bad == "in" else i,
+                  data.draw(st.sampled_from([0, -2, 2.0])) if bad == "out" else o)
+        out = run_case("LowRankSparseLinear()", lambda: LowRankSparseLinear(ii, oo, rank, c),
+                       ["in_features", "out_features", "rank", "sparse_channels", "bias", "device", "dtype"],
+                       finite_input=True)
+        if out.ok:
+            y = out.value(torch.randn(2, i))
+            assert y.shape == (2, o) and torch.isfinite(y).all()
+        return
+    model = nn.Sequential(nn.Linear(i, o), nn.ReLU())
+    W, finite = data.draw(values((o, i), special=bad == "weight", magnitudes=(1.0, 1e-3, 1e3)))
+    with torch.no_grad():
+        model[0].weight.copy_(W)
+    dense = model[0].weight.detach().clone()
+    arg = model if bad != "model" else data.draw(st.sampled_from([None, W]))
+    targets = None if bad != "targets" else data.draw(st.sampled_from([["x"], 3]))
+    out = run_case("lost_init", lambda: lost_init(arg, rank, c, targets=targets),
+                   ["model", "rank", "sparse_channels", "targets"], finite_input=finite)
+    if out.ok and finite:
+        layer = model[0]
+        assert isinstance(layer, LowRankSparseLinear)
+        # The split keeps the weight where rank + channels cover it: rank = min(m, n) exactly.
+        if rank == min(i, o):
+            err = float((layer.dense_weight() - dense).abs().max())
+            assert err <= 1e-4 * (float(dense.abs().max()) + 1e-30), err
+
+
+@fuzz(20)
+@given(st.data())
+def test_rank_decay(data):
+    bad = data.draw(st.sampled_from([None] * 6 + ["start_rank", "every", "model", "in_features", "targets",
+                                                  "weight"]))
+    o = data.draw(st.integers(2, 6))
+    i = 64 if bad != "in_features" else 48
+    torch.manual_seed(data.draw(st.integers(0, 9)))
+    model = nn.Sequential(nn.Linear(i, o), nn.ReLU(), nn.Linear(o, 64) if False else nn.Identity())
+    W, finite = data.draw(values((o, i), special=bad == "weight", magnitudes=(1.0, 1e-3, 1e3)))
+    with torch.no_grad():
+        model[0].weight.copy_(W)
+    start = data.draw(st.integers(1, o)) if bad != "start_rank" else data.draw(st.sampled_from([0, o + 1, 1.5, None]))
+    every = data.draw(st.integers(1, 3)) if bad != "every" else data.draw(st.sampled_from([0, -1, 2.5, "1"]))
+    arg = model if bad != "model" else data.draw(st.sampled_from([None, model[0]]))
+    targets = None if bad != "targets" else ["nope"]
+    out = run_case("RankDecay()", lambda: RankDecay(arg, start, every, targets=targets),
+                   ["model", "start_rank", "every", "targets"], finite_input=finite)
+    if not out.ok or not finite:
+        return
+    sched = out.value
+    x = torch.randn(2, i)
+    for _ in range(sched.total_steps):
+        assert not sched.finished
+        assert torch.isfinite(model(x)).all()
+        sched.step()
+    assert sched.finished, (start, every, sched.total_steps)  # exactly total_steps, as documented
+
+
+@fuzz(20)
+@given(st.data())
+def test_orthogonal_subspace(data):
+    bad = data.draw(st.sampled_from([None] * 3 + ["model", "rank_fraction", "importance", "min_fraction",
+                                                  "max_fraction", "targets", "calib", "weight"]))
+    model = mlp(data.draw)
+    W, finite = data.draw(values(tuple(model[0].weight.shape), special=bad == "weight"))
+    with torch.no_grad():
+        model[0].weight.copy_(W)
+    kw = {"rank_fraction": data.draw(st.floats(0.1, 0.9))}
+    if bad in ("rank_fraction", "min_fraction", "max_fraction"):
+        kw[bad] = data.draw(numbers(st.floats(0.1, 0.9)))
+    importance = data.draw(st.sampled_from(["uniform", "io_similarity"])) if bad != "importance" else "io"
+    targets = None if bad != "targets" else data.draw(st.sampled_from([["nope"], 3]))
+    arg = model if bad != "model" else "model"
+    args = ["model", "targets", "rank_fraction", "importance", "min_fraction", "max_fraction"]
+    out = run_case("OrthogonalSubspace()", lambda: OrthogonalSubspace(arg, targets, importance=importance, **kw),
+                   args, finite_input=finite)
+    if not out.ok:
+        return
+    osf = out.value
+    x = torch.randn(4, model[0].in_features)
+    calib = [x] if bad != "calib" else data.draw(st.sampled_from([[], 3, [None], [torch.randn(4, 99)]]))
+    for task in range(2):
+        began = run_case("OrthogonalSubspace.begin_task",
+                         lambda: osf.begin_task(calib if importance == "io_similarity" else None),
+                         ["calib_batches", "optimizer"], finite_input=finite)
+        if not began.ok:
+            return
+        model(x).square().sum().backward()
+        ended = run_case("OrthogonalSubspace.end_task", osf.end_task, ["self"], finite_input=finite)
+        if not ended.ok:
+            return
+    if finite:
+        assert all(torch.isfinite(t).all() for t in osf.state_dict().values())
+
+
+@fuzz(25)
+@given(st.data())
+def test_fedsvd_aggregate(data):
+    r, o, i, K = (data.draw(st.integers(1, 3)), data.draw(st.integers(3, 6)), data.draw(st.integers(3, 6)),
+                  data.draw(st.integers(1, 3)))
+    bad = data.draw(st.sampled_from([None] * 4 + ["A", "B", "B_shape", "B_dtype", "weights", "stacked"]))
+    A, fa = data.draw(values((r, i), special=False))
+    Bs, fb = [], True
+    for _ in range(K):
+        B, f = data.draw(values((o, r), special=bad == "B", magnitudes=(1.0, 1e-3, 1e3)))
+        Bs.append(B)
+        fb = fb and f
+    if bad == "A":
+        A = data.draw(st.sampled_from([A.to(torch.int64), A[0], "A", torch.randn(9, i)]))
+    if bad == "B_shape":
+        Bs[-1] = torch.randn(o + 1, r)
+    if bad == "B_dtype":
+        Bs[-1] = Bs[-1].double()
+    weights = None if bad != "weights" else data.draw(st.sampled_from([[1.0] * (K + 1), [math.nan] * K, [0.0] * K,
+                                                                      [-1.0] * K, 3, "ab", [True] * K]))
+    clients = torch.stack(Bs) if bad == "stacked" else Bs
+    out = run_case("fedsvd_aggregate", lambda: fedsvd_aggregate(clients, A, weights=weights),
+                   ["B_clients", "A", "weights"], finite_input=fa and fb)
+    if out.ok and fa and fb:
+        B2, A2 = out.value
+        want = torch.stack(Bs).double().mean(0) @ A.double()
+        err = float((B2.double() @ A2.double() - want).abs().max())
+        assert err <= 1e-4 * (float(want.abs().max()) + 1e-30), err
+
+
+@fuzz(20)
+@given(st.data())
+def test_fedsvd(data):
+    bad = data.draw(st.sampled_from([None] * 6 + ["mode", "local_steps", "batch_size", "lr", "clip", "noise",
+                                                  "seed", "clients", "model"]))
+    torch.manual_seed(0)
+    model = svdkernels.adapt(nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)), "lora", rank=2)
+    clients = [(torch.randn(5, 6), torch.randint(0, 3, (5,))) for _ in range(2)]
+    kw: dict = {"local_steps": 1, "batch_size": 4}
+    if bad == "mode":
+        kw["mode"] = "fedavg"
+    elif bad in ("local_steps", "batch_size", "seed"):
+        kw[bad] = data.draw(st.sampled_from([0, -1, 1.5, True]))
+    elif bad in ("lr", "clip"):
+        kw[bad] = data.draw(numbers(st.floats(0.01, 1)))
+    elif bad == "noise":
+        kw["noise_multiplier"] = data.draw(numbers(st.floats(0.0, 1)))
+    elif bad == "clients":
+        clients = data.draw(st.sampled_from([[], [(torch.randn(5, 6), torch.randint(0, 3, (4,)))], [torch.randn(5)],
+                                             [(torch.full((5, 6), math.nan), torch.zeros(5, dtype=torch.long))],
+                                             [(torch.randn(5, 6), torch.zeros(5, dtype=torch.long)),
+                                              (torch.randn(5, 7), torch.zeros(5, dtype=torch.long))]]))
+    arg = model if bad != "model" else None
+    out = run_case("FedSVD()", lambda: FedSVD(arg, clients, **kw),
+                   ["model", "clients", "mode", "local_steps", "batch_size", "lr", "clip", "noise_multiplier",
+                    "loss_fn", "seed"], finite_input=True)
+    if out.ok:
+        fit = run_case("FedSVD.fit", lambda: out.value.fit(1), ["rounds", "lr"], finite_input=True)
+        if not fit.ok:
+            assert "lr" in kw, fit.error  # only a huge step size diverges here
+        assert all(torch.isfinite(t).all() for t in out.value.global_state().values())
+
+
+@fuzz(25)
+@given(st.data())
+def test_balora_loss(data):
+    N, V = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 6))
+    bad = data.draw(st.sampled_from([None] * 3 + ["logits", "base", "weights", "top_k", "svd_rank", "norm", "route",
+                                                  "special"]))
+    dtype = data.draw(st.sampled_from((torch.float32, torch.bfloat16)))
+    logits, fl = data.draw(values((2, N, V), dtype, special=bad == "special", magnitudes=(1.0, 10.0, 1e-3)))
+    base, fb = data.draw(values((2, N, V), dtype, special=False, magnitudes=(1.0, 10.0)))
+    kw: dict = {"top_k": data.draw(st.integers(1, V))}
+    if bad == "logits":
+        logits = data.draw(st.sampled_from([logits.to(torch.int64), logits[0, 0], None]))
+    if bad == "base":
+        base = data.draw(st.sampled_from([base[..., :-1] if V > 1 else base[:1], None, base.to(torch.int32)]))
+    if bad == "weights":
+        kw[data.draw(st.sampled_from(["consistency", "diversity", "svd"]))] = data.draw(numbers(st.floats(0, 2)))
+    if bad == "top_k":
+        kw["top_k"] = data.draw(st.sampled_from([0, V + 1, 1.5, None]))
+    if bad == "svd_rank":
+        kw["svd_rank"] = data.draw(st.sampled_from([0, min(N, V) + 1, 1.5, "2"]))
+    if bad == "norm":
+        kw["norm"] = "spectral"
+    if bad == "route":
+        kw["route"] = "fast"
+    out = run_case("balora_loss", lambda: balora_loss(logits, base, **kw),
+                   ["logits", "base_logits", "consistency", "diversity", "svd", "top_k", "svd_rank", "norm", "route",
+                    "seed"], finite_input=fl and fb)
+    if out.ok:
+        assert out.value.dim() == 0
+
+
+# --------------------------------------------------------------------- kind / soma adapters
+
+
+@fuzz(25)
+@given(st.data())
+def test_adapt_kind_soma(data):
+    method = data.draw(st.sampled_from(["kind", "soma"]))
+    bad = data.draw(st.sampled_from([None] * 4 + ["rank", "tailor_rank", "classes", "freeze_blocks", "typo",
+                                                  "weight", "class_ids"]))
+    torch.manual_seed(data.draw(st.integers(0, 9)))
+    w = data.draw(st.integers(4, 8))
+    model = nn.Sequential(nn.Sequential(nn.Linear(w, w), nn.Tanh()), nn.Sequential(nn.Linear(w, w), nn.Tanh()),
+                          nn.Linear(w, 4))
+    W, finite = data.draw(values((w, w), special=bad == "weight", magnitudes=(1.0, 1e-3, 1e3)))
+    with torch.no_grad():
+        model[0][0].weight.copy_(W)
+    kw: dict = {"rank": data.draw(st.integers(1, 2))}
+    if method == "kind":
+        kw["classes"] = data.draw(st.integers(1, 2))
+        kw["tailor_rank"] = data.draw(st.integers(kw["classes"], 2))
+        if bad in ("tailor_rank", "classes"):
+            kw[bad] = data.draw(st.sampled_from([0, -1, 1.5, None, 99]))
+    else:
+        kw["freeze_blocks"] = data.draw(st.integers(0, 2))
+        if bad == "freeze_blocks":
+            kw["freeze_blocks"] = data.draw(st.sampled_from([-1, 3, [7], True, "1", [0, 1, None]]))
+    if bad == "rank":
+        kw["rank"] = data.draw(st.sampled_from([0, 9, 1.5, None]))
+    if bad == "typo":
+        kw["tailors"] = 1
+    original = copy.deepcopy(model)
+    out = run_case(f"adapt({method})", lambda: svdkernels.adapt(model, method, **kw),
+                   ["model", "method", "rank", "targets", "seed", "alpha", "modules_to_save", "tailor_rank",
+                    "classes", "freeze_blocks", "tailors"], finite_input=finite)
+    if not out.ok:
+        for (n, a), b in zip(original.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b) or bool((a.isnan() & b.isnan()).any()), n
+        return
+    x = torch.randn(3, w)
+    if method == "kind":
+        ids = torch.randint(0, kw["classes"], (3,))
+        if bad == "class_ids":
+            ids = data.draw(st.sampled_from([None, ids.float(), ids[:2], ids + 5, ids - 10]))
+        y = run_case("KindLinear.forward", lambda: out.value[0][0](x, ids), ["class_ids", "x"], finite_input=finite)
+        if y.ok and finite:
+            with torch.no_grad():
+                assert torch.allclose(y.value, original[0][0](x), atol=1e-4 * (1 + float(W.abs().max()))), \
+                    "KIND changed the output at init"
+    elif finite:
+        with torch.no_grad():
+            y, y0 = out.value(x), original(x)
+        assert torch.allclose(y, y0, atol=1e-3 * (1 + float(y0.abs().max()))), "SoMA changed the output at init"

@@ -1,0 +1,105 @@
+"""Regressions found by tests/fuzz/test_fuzz_train.py in Int8Linear, FedSVD and BA-LoRA
+(each raised a bare torch error, or none, before its fix)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import svdkernels
+from svdkernels.testing.errors import assert_raises_naming
+from svdkernels.train import FedSVD, Int8Linear, balora_loss, fedsvd_aggregate, svd_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("args, exc, words", [
+    ((1.5, 3), ValueError, ["in_features", "int >= 1", "1.5"]),  # was zeros()'s TypeError
+    ((4, 0), ValueError, ["out_features", "int >= 1", "0"]),
+    ((4, -2), ValueError, ["out_features", "-2"]),  # was a RuntimeError from torch.zeros
+    ((True, 3), ValueError, ["in_features", "True"]),
+    ((4, 3, "yes"), TypeError, ["bias", "bool", "str"]),
+])
+def test_int8_linear_checks_its_arguments(args, exc, words):
+    assert_raises_naming(lambda: Int8Linear(*args), exc, words)
+
+
+@pytest.mark.parametrize("x, words", [
+    (torch.randn(2, 5), ["x", "[..., 4]", "[2, 5]"]),  # was "mat1 and mat2 shapes cannot be multiplied"
+    (torch.ones(2, 4, dtype=torch.int32), ["x", "floating-point", "torch.int32"]),
+])
+def test_int8_linear_forward_checks_x(x, words):
+    layer = Int8Linear.from_linear(nn.Linear(4, 3))
+    assert_raises_naming(lambda: layer(x), ValueError, words)
+    assert layer(torch.randn(2, 4)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("where", ["A", "B"])
+def test_fedsvd_aggregate_names_a_non_finite_factor(where):
+    A, Bs = torch.randn(2, 5), [torch.randn(4, 2), torch.randn(4, 2)]
+    if where == "A":
+        A[0, 1] = math.nan
+    else:
+        Bs[1][2, 0] = math.inf
+    name = "A" if where == "A" else "B_clients[1]"  # was linalg.svd's LinAlgError
+    assert_raises_naming(lambda: fedsvd_aggregate(Bs, A), ValueError, [name, "finite", "NaN or inf"])
+
+
+def fed_model():
+    torch.manual_seed(0)
+    return svdkernels.adapt(nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)), "lora", rank=2)
+
+
+def clients():
+    return [(torch.randn(5, 6), torch.randint(0, 3, (5,))) for _ in range(2)]
+
+
+def test_fedsvd_a_diverging_client_names_lr_and_leaves_the_model():
+    fed = FedSVD(fed_model(), clients(), local_steps=1, batch_size=4, lr=1e300)
+    before = {k: v.clone() for k, v in fed.global_state().items()}
+    # was LinAlgError from the server's SVD of the NaN factors
+    assert_raises_naming(lambda: fed.fit(1), ValueError, ["lr", "diverged", "1e+300"])
+    assert all(torch.equal(before[k], v) for k, v in fed.global_state().items())
+    assert fed.rounds_done == 0
+
+
+def test_fedsvd_aggregate_refuses_non_finite_updates():
+    fed = FedSVD(fed_model(), clients(), local_steps=1, batch_size=4)
+    updates = [fed.client_update(k) for k in range(2)]
+    updates[1]["0.lora_B"][0, 0] = math.nan
+    assert_raises_naming(lambda: fed.aggregate(updates), ValueError, ["updates[1]", "0.lora_B", "NaN or inf"])
+
+
+def test_fedsvd_refuses_non_finite_client_data():
+    data = clients()
+    data[1][0][0, 0] = math.nan
+    assert_raises_naming(lambda: FedSVD(fed_model(), data), ValueError, ["clients[1]", "finite", "NaN or inf"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_svd_loss_in_half_precision_on_cpu(dtype):
+    """Was NotImplementedError ("linalg_svd_cpu" not implemented for 'BFloat16'); the
+    value equals the float32 loss of the same (rounded) logits, and it backpropagates."""
+    logits = torch.randn(2, 4, 6).to(dtype).requires_grad_()
+    got = svd_loss(logits, 3, route="exact")
+    want = svd_loss(logits.detach().float(), 3, route="exact")
+    assert got.dtype == dtype
+    assert abs(float(got) - float(want)) <= 1e-2 * abs(float(want))
+    got.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad.float()).all()
+    assert torch.isfinite(balora_loss(logits.detach(), torch.randn(2, 4, 6).to(dtype), top_k=3).float())
+
+
+@pytest.mark.parametrize("start_rank, every", [(1, 1), (1, 3), (2, 2), (3, 1)])
+def test_rank_decay_finishes_at_total_steps(start_rank, every):
+    """start_rank=1 claimed total_steps = every, but its Φ fades for another ``every``
+    steps (the fuzz found it unfinished); now exact for every start rank."""
+    from svdkernels.train import RankDecay
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 4), nn.ReLU())
+    rd = RankDecay(model, start_rank, every)
+    for _ in range(rd.total_steps):
+        assert not rd.finished
+        rd.step()
+    assert rd.finished
