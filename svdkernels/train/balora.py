@@ -21,6 +21,7 @@ the reference code divides by); ``"fro"`` is exact on both routes.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -82,7 +83,12 @@ def _top_values(L: Tensor, k: int, route: str, seed: int) -> tuple[Tensor, Tenso
     q = min(k + _OVERSAMPLE, N, V)
     if route == "exact":
         # LAPACK/cuSOLVER have no bfloat16/float16 SVD: singular values in float32, back in L's dtype.
-        S = torch.linalg.svdvals(L.float() if L.dtype in (torch.bfloat16, torch.float16) else L).to(L.dtype)
+        Lw = L.float() if L.dtype in (torch.bfloat16, torch.float16) else L
+        # A non-finite matrix gives NaN values (LAPACK would raise instead; no host sync here),
+        # so a NaN loss reaches the optimiser's non-finite gradient check as any other would.
+        finite = torch.isfinite(Lw).all(-1).all(-1)[..., None, None]
+        S = torch.linalg.svdvals(torch.where(finite, Lw, torch.zeros_like(Lw)))
+        S = torch.where(finite[..., 0], S, torch.full_like(S, math.nan)).to(L.dtype)
         return S[..., :k], S
     with torch.no_grad():
         U, _, Vh = rsvd(L.detach(), q, seed=seed)

@@ -84,6 +84,8 @@ def _check_factors(B_clients: Sequence[Tensor] | Tensor, A: Tensor) -> Tensor:
 def _mean(Bs: Tensor, weights: Optional[Sequence[float]]) -> Tensor:
     if weights is None:
         return Bs.mean(0)
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"weights: expected None or a list of numbers (one per client), got {type(weights).__name__}")
     if len(weights) != Bs.shape[0]:
         raise ValueError(f"weights: expected one weight per client ({Bs.shape[0]}), got {len(weights)}")
     w = [check_finite_number(f"weights[{k}]", v, low=0.0) for k, v in enumerate(weights)]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from svdkernels.quant.model import Targets, select_layers
+from svdkernels.train.checks import check_finite_weights
 
 
 def _check_int(name: str, value: object, low: int, high: Optional[int] = None) -> int:
@@ -141,6 +142,7 @@ def lost_init(model: nn.Module, rank: int, sparse_channels: int, *, targets: Tar
             raise ValueError(f"rank: expected <= min(out, in) = {min(m, n)} for layer {name!r}, got {rank}")
         if sparse_channels > n:
             raise ValueError(f"sparse_channels: expected <= in_features = {n} for layer {name!r}, got {sparse_channels}")
+    check_finite_weights(layers)
     groups: dict[tuple, list[str]] = {}
     for name, layer in layers.items():
         w = layer.weight

@@ -56,6 +56,7 @@ from torch import nn
 from svdkernels.calibration import eval_mode, run_batches
 from svdkernels.errors import check_finite_number
 from svdkernels.quant.model import Targets, select_layers
+from svdkernels.train.checks import check_finite_weights
 
 IMPORTANCE_RULES = ("io_similarity", "uniform")
 
@@ -125,6 +126,12 @@ def _io_similarity(model: nn.Module, names: list[str], calib_batches: Iterable[A
     try:
         with eval_mode(model), torch.no_grad():
             run_batches(model, calib_batches)
+    except (RuntimeError, TypeError) as e:
+        if isinstance(e, TypeError) and str(e).startswith("calib_batches"):
+            raise
+        # A batch the model cannot take (wrong width, None...): say which argument it came from.
+        raise ValueError(f"calib_batches: expected inputs the model accepts, got a batch on which it raised "
+                         f"{type(e).__name__}: {e}") from e
     finally:
         for h in handles:
             h.remove()
@@ -256,6 +263,7 @@ class OrthogonalSubspace:
 
     @torch.no_grad()
     def _grow(self, calib_batches: Optional[Iterable[Any]]) -> None:
+        check_finite_weights(self.layers)  # the SVD below fails on NaN/inf (LinAlgError)
         fractions = self._fractions(calib_batches)
         self.last_fractions = fractions
         groups: dict[tuple, list[str]] = {}

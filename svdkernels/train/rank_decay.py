@@ -35,6 +35,7 @@ from svdkernels.errors import FormatError
 from svdkernels.formats.int4 import GROUP_SIZE
 from svdkernels.quant import LowRankQuantLinear, dequantize_act, dequantize_weight, quantize_act, quantize_weight
 from svdkernels.quant.model import Targets, select_layers
+from svdkernels.train.checks import check_finite_weights
 
 
 def fake_quant_weight(W: torch.Tensor) -> torch.Tensor:
@@ -188,6 +189,7 @@ class RankDecay:
                                  f"{name!r} with {n} (exclude it with targets=)")
             if start_rank > min(m, n):
                 raise ValueError(f"start_rank: expected <= min(out, in) = {min(m, n)} for {name!r}, got {start_rank}")
+        check_finite_weights(layers)  # else quantize_weight's error names its own W
         self.model = model
         self.steps = 0
         self.rank = start_rank

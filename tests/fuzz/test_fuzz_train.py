@@ -473,7 +473,7 @@ def test_orthogonal_subspace(data):
     for task in range(2):
         began = run_case("OrthogonalSubspace.begin_task",
                          lambda: osf.begin_task(calib if importance == "io_similarity" else None),
-                         ["calib_batches", "optimizer"], finite_input=finite)
+                         ["calib_batches", "optimizer", "model"], finite_input=finite)  # model: held since __init__
         if not began.ok:
             return
         model(x).square().sum().backward()

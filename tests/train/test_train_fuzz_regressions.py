@@ -103,3 +103,69 @@ def test_rank_decay_finishes_at_total_steps(start_rank, every):
         assert not rd.finished
         rd.step()
     assert rd.finished
+
+
+def nan_model(width=64):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, 4), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight[1, 2] = math.nan
+    return model
+
+
+def test_lost_init_names_a_non_finite_weight():
+    from svdkernels.train import lost_init
+
+    model = nan_model(6)
+    # was LinAlgError from the batched SVD
+    assert_raises_naming(lambda: lost_init(model, 2, 1), ValueError, ["model", "finite", "0.weight"])
+    assert isinstance(model[0], nn.Linear)  # nothing replaced
+
+
+def test_rank_decay_names_a_non_finite_weight():
+    from svdkernels.train import RankDecay
+
+    # was "W: expected finite values" from quantize_weight (an argument RankDecay has not)
+    assert_raises_naming(lambda: RankDecay(nan_model(), 2, 1), ValueError, ["model", "finite", "0.weight"])
+
+
+def test_orthogonal_subspace_names_a_non_finite_weight_and_a_bad_calibration_batch():
+    from svdkernels.train import OrthogonalSubspace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    x = torch.randn(4, 6)
+    osf = OrthogonalSubspace(model)
+    osf.begin_task([x])
+    osf.end_task()
+    # was RuntimeError "mat1 and mat2 shapes cannot be multiplied" / linear()'s TypeError
+    for bad in ([torch.randn(4, 99)], [None]):
+        assert_raises_naming(lambda: osf.begin_task(bad), ValueError, ["calib_batches", "inputs the model accepts"])
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.inf
+    # was LinAlgError from the SVD of the weights
+    assert_raises_naming(lambda: osf.begin_task([x]), ValueError, ["model", "finite", "0.weight"])
+
+
+@pytest.mark.parametrize("weights", [3, "ab"])
+def test_fedsvd_aggregate_weights_must_be_a_list(weights):
+    # was "object of type 'int' has no len()"; a string was read as per-client characters
+    assert_raises_naming(lambda: fedsvd_aggregate([torch.randn(4, 2)] * 2, torch.randn(2, 5), weights=weights),
+                         TypeError, ["weights", "list of numbers"])
+
+
+def test_svd_loss_of_non_finite_logits_is_nan_not_a_linalg_error():
+    logits = torch.randn(2, 4, 6, requires_grad=True)
+    bad = logits.detach().clone()
+    bad[1, 0, 0] = math.nan
+    loss = svd_loss(bad, 3, route="exact")  # was LinAlgError from svdvals
+    assert torch.isnan(loss)
+    # The finite matrices' terms are unchanged: batch element 0 alone equals its own loss.
+    from svdkernels.train.balora import _top_values
+
+    top, S = _top_values(bad, 3, "exact", 0)
+    assert torch.isfinite(S[0]).all() and torch.isnan(S[1]).all()
+    assert torch.allclose(S[0], torch.linalg.svdvals(bad[0]))
+    good = svd_loss(logits, 3, route="exact")
+    good.backward()
+    assert torch.isfinite(logits.grad).all()
