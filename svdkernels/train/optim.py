@@ -61,7 +61,12 @@ def _mix(*values: int) -> int:
     return h & ((1 << 62) - 1)
 
 
-def _check_number(name: str, value: object, lo: float, hi: float = math.inf, *, hi_open: bool = False) -> float:
+# The step's arithmetic and state are float32: a larger hyper-parameter (inf included)
+# makes every weight inf/NaN, or fails inside torch ("cannot be converted to type float").
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_number(name: str, value: object, lo: float, hi: float = FLOAT32_MAX, *, hi_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
     if not (lo <= value and (value < hi if hi_open else value <= hi)):
@@ -235,6 +240,16 @@ class LowRankAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         gi = len(self.param_groups)
         group = dict(param_group)
+        # A group may override AdamW's options (torch checks none of them).
+        for key in ("lr", "eps", "weight_decay"):
+            if key in group:
+                _check_number(f"param_groups[{gi}][{key!r}]", group[key], 0.0)
+        if "betas" in group:
+            betas = group["betas"]
+            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                raise TypeError(f"param_groups[{gi}]['betas']: expected a pair of floats, got {betas!r}")
+            for i in range(2):
+                _check_number(f"param_groups[{gi}]['betas'][{i}]", betas[i], 0.0, 1.0, hi_open=True)
         if "update_proj_gap" in group:  # GaLore's name
             group.setdefault("update_gap", group.pop("update_proj_gap"))
         if "proj_type" in group:

@@ -45,7 +45,7 @@ OPT_ARGS = {"params", "lr", "betas", "eps", "weight_decay", "rank", "update_gap"
 # "parameter param_groups[0]['params'][1] (shape [4, 3]): ..."): that is its `params` argument.
 _PARAMETER = re.compile(r"^parameter ('[^']*'|param_groups\[\d+\]\['params'\]\[\d+\] \(shape \[[\d, ]*\]\)): ")
 # "param_groups[0]['rank']: ..." names the group option; fuzz_support's pattern takes one subscript.
-_GROUP_KEY = re.compile(r"^param_groups\[\d+\]\['\w+'\]: ")
+_GROUP_KEY = re.compile(r"^param_groups\[\d+\]\['\w+'\](\[\d\])?: ")
 
 
 def as_params_error(call):
@@ -85,7 +85,8 @@ def set_grads(draw, model: nn.Module, special: bool) -> bool:
 def optimizer_case(draw):
     bad = draw(st.sampled_from([None] * 12 + ["lr", "betas", "eps", "weight_decay", "rank", "update_gap", "scale",
                                              "projector", "moments", "proj_bits", "side", "seed", "flag",
-                                             "group_rank", "proj_type", "names", "bias_lowrank", "dtype"]))
+                                             "group_rank", "proj_type", "names", "bias_lowrank", "dtype",
+                                             "group_option"]))
     cls = draw(st.sampled_from(OPTIMIZERS))
     dtype = draw(st.sampled_from((torch.float32, torch.float32, torch.bfloat16)))
     model = mlp(draw, dtype)
@@ -126,6 +127,10 @@ def optimizer_case(draw):
         groups[1]["rank"] = 1  # biases are 1-D
     elif bad == "dtype":
         model[0].weight.data = model[0].weight.data.double()
+    elif bad == "group_option":  # a group's own AdamW option
+        key = draw(st.sampled_from(["lr", "eps", "weight_decay", "betas"]))
+        groups[draw(st.integers(0, 1))][key] = draw(numbers(st.floats(0.1, 0.5))) if key != "betas" else \
+            draw(st.sampled_from([(0.9, math.inf), (1.0, 0.9), 0.9, (0.9, "x")]))
     return cls, model, groups, kw, bad
 
 

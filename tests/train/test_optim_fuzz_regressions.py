@@ -56,3 +56,27 @@ def test_a_valid_state_still_loads():
     model(torch.randn(3, 6)).square().sum().backward()
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kw", [{"lr": float("inf")}, {"weight_decay": float("inf")}, {"scale": float("inf")},
+                                {"eps": float("inf")}, {"lr": 1e39}])
+def test_hyper_parameters_must_be_finite_float32(kw):
+    """Were accepted: lr/weight_decay/scale = inf made every weight inf or NaN after one
+    finite step, lr = 1e300 failed inside torch ("cannot be converted to type float")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    name = next(iter(kw))
+    assert_raises_naming(lambda: LowRankAdamW(lowrank_param_groups(model, rank=2), **kw), ValueError,
+                         [name, "expected a value in [0.0, 3.4"])
+
+
+@pytest.mark.parametrize("key, value, exc", [("lr", float("inf"), ValueError), ("lr", -1.0, ValueError),
+                                             ("eps", "1e-8", TypeError), ("weight_decay", float("nan"), ValueError),
+                                             ("betas", (0.9, 1.0), ValueError), ("betas", 0.9, TypeError)])
+def test_a_param_group_s_own_options_are_checked(key, value, exc):
+    """torch.optim.Optimizer checks no group option: an lr=inf group trained to inf weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    groups = lowrank_param_groups(model, rank=2)
+    groups[1][key] = value
+    assert_raises_naming(lambda: LowRankAdamW(groups), exc, ["param_groups[1]", key])
