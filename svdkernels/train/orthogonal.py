@@ -317,13 +317,25 @@ class OrthogonalSubspace:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load bases saved by :meth:`state_dict` (e.g. with ``safetensors.torch.load_file``)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state: expected a dict of tensors (from state_dict()), got {type(state).__name__}")
         want = {f"{n}.{s}" for n in self.layers for s in "UV"}
         if set(state) != want:
             raise ValueError(f"state: expected keys {sorted(want)}, got {sorted(state)}")
         for n, layer in self.layers.items():
             U, V = state[f"{n}.U"], state[f"{n}.V"]
+            if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (U, V)):
+                raise TypeError(f"state: expected floating-point tensors {n}.U and {n}.V, got "
+                                f"{type(U).__name__} and {type(V).__name__}")
             m, n_in = layer.weight.shape
+            if U.dim() == 2 and U.shape[1] > min(m, n_in):
+                raise ValueError(f"state: expected at most min(m, n) = {min(m, n_in)} frozen directions for {n}, "
+                                 f"got {U.shape[1]}")
+            if not (bool(torch.isfinite(U).all()) and bool(torch.isfinite(V).all())):
+                # NaN bases would make every projected gradient NaN
+                raise ValueError(f"state: expected finite {n}.U and {n}.V, got NaN or inf")
             if U.dim() != 2 or V.dim() != 2 or U.shape[0] != m or V.shape[0] != n_in or U.shape[1] != V.shape[1]:
                 raise ValueError(f"state: expected {n}.U [{m}, k] and {n}.V [{n_in}, k], got "
                                  f"{tuple(U.shape)} and {tuple(V.shape)}")
-            self.U[n], self.V[n] = U.to(layer.weight), V.to(layer.weight)
+        for n, layer in self.layers.items():  # all checked first: a refused state changes nothing
+            self.U[n], self.V[n] = state[f"{n}.U"].to(layer.weight), state[f"{n}.V"].to(layer.weight)

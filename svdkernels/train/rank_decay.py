@@ -339,6 +339,11 @@ class RankDecay:
             start_rank, every = int(sched["start_rank"]), int(sched["every"])
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(path, f"malformed schedule metadata ({e})") from e
+        # What step() later reads: a counter, a rank the schedule can reach, the last halving's step.
+        if steps < 0 or not 0 <= rank <= start_rank or not (
+                decayed is None or (isinstance(decayed, int) and not isinstance(decayed, bool) and 0 <= decayed <= steps)):
+            raise FormatError(path, f"malformed schedule metadata: expected steps >= 0, 0 <= rank <= start_rank and "
+                                    f"decayed_at None or a step in [0, steps], got {sched!r}")
         if (start_rank, every) != (self.start_rank, self.every):
             raise ValueError(f"path: expected a schedule with start_rank={self.start_rank}, every={self.every}, got "
                              f"start_rank={start_rank}, every={every}")

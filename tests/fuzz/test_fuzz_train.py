@@ -635,3 +635,73 @@ def test_adapt_kind_soma(data):
         with torch.no_grad():
             y, y0 = out.value(x), original(x)
         assert torch.allclose(y, y0, atol=1e-3 * (1 + float(y0.abs().max()))), "SoMA changed the output at init"
+
+
+# --------------------------------------------------------------------- saved states
+
+
+@fuzz(20)
+@given(st.data())
+def test_orthogonal_subspace_load_state_dict(data):
+    """A corrupted basis state is refused with a named error and changes nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    osf = OrthogonalSubspace(model, importance="uniform")
+    osf.begin_task()
+    osf.end_task()
+    osf.begin_task()
+    osf.end_task()
+    sd = {k: v.clone() for k, v in osf.state_dict().items()}
+    what = data.draw(st.sampled_from(["ok", "key", "type", "dtype", "shape", "rank", "nan", "not_dict"]))
+    key = data.draw(st.sampled_from(sorted(sd)))
+    if what == "key":
+        sd[key + "x"] = sd.pop(key)
+    elif what == "type":
+        sd[key] = data.draw(st.sampled_from([None, "U", 3]))
+    elif what == "dtype":
+        sd[key] = sd[key].to(torch.int64)
+    elif what == "shape":
+        sd[key] = sd[key][:-1]
+    elif what == "rank":
+        sd = {k: torch.cat([v] * 8, 1) for k, v in sd.items()}
+    elif what == "nan":
+        sd[key] = sd[key].clone()
+        sd[key].view(-1)[0] = math.nan
+    elif what == "not_dict":
+        sd = data.draw(st.sampled_from([3, list(sd), None]))
+    before = {k: v.clone() for k, v in osf.state_dict().items()}
+    out = run_case("OrthogonalSubspace.load_state_dict", lambda: osf.load_state_dict(sd), ["state"], finite_input=True)
+    assert out.ok == (what == "ok"), what
+    if not out.ok:
+        assert all(torch.equal(before[k], v) for k, v in osf.state_dict().items()), what
+
+
+@fuzz(15)
+@given(data=st.data())
+def test_rank_decay_load(tmp_path_factory, data):
+    """A RankDecay file with a corrupted schedule is refused (FormatError names the path)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 4), nn.ReLU())
+    rd = RankDecay(model, 4, 2)
+    for _ in range(data.draw(st.integers(0, 5))):
+        rd.step()
+    path = tmp_path_factory.mktemp("rd") / "rd.safetensors"
+    rd.save(path)
+    with safe_open(str(path), "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    sched = json.loads(meta["schedule"])
+    field = data.draw(st.sampled_from([None, "steps", "rank", "decayed_at", "start_rank"]))
+    if field is not None:
+        sched[field] = data.draw(st.sampled_from([-1, 99, "x", None, 1.5, [1]]))
+    meta["schedule"] = json.dumps(sched)
+    save_file(state, str(path), metadata=meta)
+    twin = RankDecay(nn.Sequential(nn.Linear(64, 4), nn.ReLU()), 4, 2)
+    out = run_case("RankDecay.load", lambda: twin.load(path), ["path"], finite_input=True)
+    if out.ok:
+        for _ in range(3):  # the loaded schedule runs
+            twin.step()

@@ -169,3 +169,50 @@ def test_svd_loss_of_non_finite_logits_is_nan_not_a_linalg_error():
     good = svd_loss(logits, 3, route="exact")
     good.backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_orthogonal_subspace_load_state_dict_checks_everything_first():
+    from svdkernels.train import OrthogonalSubspace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    osf = OrthogonalSubspace(model, importance="uniform")
+    for _ in range(2):
+        osf.begin_task()
+        osf.end_task()
+    good = osf.state_dict()
+    before = {k: v.clone() for k, v in good.items()}
+    nan = {k: v.clone() for k, v in good.items()}
+    nan["2.V"][0, 0] = math.nan  # the last layer: the first one used to be loaded before the error
+    assert_raises_naming(lambda: osf.load_state_dict(nan), ValueError, ["state", "finite", "2.U and 2.V"])
+    assert_raises_naming(lambda: osf.load_state_dict(3), TypeError, ["state", "dict", "int"])  # was "not iterable"
+    assert_raises_naming(lambda: osf.load_state_dict({**good, "0.U": None}), TypeError,
+                         ["state", "floating-point", "NoneType"])  # was AttributeError
+    assert all(torch.equal(before[k], v) for k, v in osf.state_dict().items())
+    osf.load_state_dict(good)
+
+
+@pytest.mark.parametrize("field, value", [("decayed_at", "x"), ("decayed_at", 99), ("steps", -1), ("rank", 99)])
+def test_rank_decay_load_checks_the_schedule(tmp_path, field, value):
+    """Was accepted; the next step() failed with a bare TypeError or ran an impossible schedule."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from svdkernels.errors import FormatError
+    from svdkernels.train import RankDecay
+
+    torch.manual_seed(0)
+    rd = RankDecay(nn.Sequential(nn.Linear(64, 4), nn.ReLU()), 4, 2)
+    rd.step()
+    rd.step()
+    path = tmp_path / "rd.safetensors"
+    rd.save(path)
+    with safe_open(str(path), "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    sched = json.loads(meta["schedule"])
+    sched[field] = value
+    save_file(state, str(path), metadata={**meta, "schedule": json.dumps(sched)})
+    twin = RankDecay(nn.Sequential(nn.Linear(64, 4), nn.ReLU()), 4, 2)
+    assert_raises_naming(lambda: twin.load(path), FormatError, ["malformed schedule", field])
