@@ -112,6 +112,8 @@ class AnnealedWeightDecay:
         if schedule not in ("cosine", "linear"):
             raise ValueError(f"schedule: expected 'cosine' or 'linear', got {schedule!r}")
         n = len(optimizer.param_groups)
+        if groups is not None and (isinstance(groups, (str, bytes)) or not isinstance(groups, Iterable)):
+            raise TypeError(f"groups: expected None or indices of the optimiser's parameter groups, got {groups!r}")
         self.groups = list(range(n)) if groups is None else list(groups)
         bad = [g for g in self.groups if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < n]
         if bad:
@@ -145,5 +147,8 @@ class AnnealedWeightDecay:
         return {"step_count": self.step_count}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step_count"])
+        count = state.get("step_count") if isinstance(state, dict) else None
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"state: expected {{'step_count': an int >= 0}} (from state_dict()), got {state!r}")
+        self.step_count = count
         self._apply()

@@ -705,3 +705,64 @@ def test_rank_decay_load(tmp_path_factory, data):
     if out.ok:
         for _ in range(3):  # the loaded schedule runs
             twin.step()
+
+
+@fuzz(20)
+@given(st.data())
+def test_annealed_weight_decay(data):
+    from svdkernels.adapters.soma import AnnealedWeightDecay
+
+    model = mlp(data.draw)
+    opt = torch.optim.AdamW(model.parameters(), weight_decay=0.1)
+    bad = data.draw(st.sampled_from([None] * 3 + ["optimizer", "start", "end", "total_steps", "schedule", "groups",
+                                                  "state"]))
+    kw: dict = {"start": data.draw(st.floats(0, 1)), "total_steps": data.draw(st.integers(1, 5))}
+    if bad in ("start", "end"):
+        kw[bad] = data.draw(numbers(st.floats(0, 1)))
+    if bad == "total_steps":
+        kw[bad] = data.draw(st.sampled_from([0, -1, 1.5, None]))
+    if bad == "schedule":
+        kw[bad] = "step"
+    if bad == "groups":
+        kw[bad] = data.draw(st.sampled_from([[1], 3, [True], "0", [-1]]))
+    arg = opt if bad != "optimizer" else "adamw"
+    out = run_case("AnnealedWeightDecay()", lambda: AnnealedWeightDecay(arg, **kw),
+                   ["optimizer", "start", "end", "total_steps", "schedule", "groups"], finite_input=True)
+    if not out.ok:
+        return
+    sched = out.value
+    for _ in range(kw["total_steps"] + 1):
+        v = sched.step()
+        assert math.isfinite(v) and v >= 0 and opt.param_groups[0]["weight_decay"] == v
+    state = sched.state_dict()
+    if bad == "state":
+        state = data.draw(st.sampled_from([{}, {"step_count": "x"}, {"step_count": -1}, 3, None]))
+    loaded = run_case("AnnealedWeightDecay.load_state_dict", lambda: sched.load_state_dict(state), ["state"],
+                      finite_input=True)
+    assert loaded.ok == (bad != "state")
+
+
+@fuzz(15)
+@given(st.data())
+def test_qgalore_int8(data):
+    """QGaLoreAdamW over Int8Linear weights: finite steps stay finite and INT8, a
+    non-finite float gradient is named (or skipped) and changes nothing."""
+    torch.manual_seed(data.draw(st.integers(0, 9)))
+    i, o = data.draw(st.integers(2, 6)), data.draw(st.integers(2, 6))
+    model = nn.Sequential(Int8Linear.from_linear(nn.Linear(i, o)), nn.Tanh(), nn.Linear(o, 3))
+    skip = data.draw(st.booleans())
+    opt = QGaLoreAdamW(lowrank_param_groups(model, rank=1), update_gap=1, skip_nonfinite=skip)
+    x, _ = data.draw(values((3, i), special=False))
+    nan = data.draw(st.booleans())
+    loss = model(x).square().sum()
+    loss.backward()
+    if nan:
+        model[0].qweight.float_grad[0, 0] = math.nan
+    before = copy.deepcopy(model.state_dict())
+    out = run_case("QGaLoreAdamW.step (Int8Linear)", as_params_error(opt.step), OPT_ARGS, finite_input=not nan)
+    assert model[0].qweight.dtype == torch.int8
+    if nan:
+        assert out.ok == skip
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    else:
+        assert all(torch.isfinite(t.float()).all() for t in model.state_dict().values())

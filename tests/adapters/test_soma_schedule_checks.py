@@ -1,0 +1,29 @@
+"""AnnealedWeightDecay's argument checks found by tests/fuzz/test_fuzz_train.py."""
+import pytest
+import torch
+from torch import nn
+
+from svdkernels.adapters.soma import AnnealedWeightDecay
+from svdkernels.testing.errors import assert_raises_naming
+
+
+def opt():
+    return torch.optim.AdamW(nn.Linear(3, 2).parameters(), weight_decay=0.1)
+
+
+@pytest.mark.parametrize("groups", [3, "0"])
+def test_groups_must_be_indices(groups):
+    # 3 raised "'int' object is not iterable"; "0" was read character by character
+    assert_raises_naming(lambda: AnnealedWeightDecay(opt(), start=0.1, total_steps=3, groups=groups), TypeError,
+                         ["groups", "indices"])
+
+
+@pytest.mark.parametrize("state", [{}, {"step_count": "x"}, {"step_count": -1}, 3, None])
+def test_load_state_dict_checks_the_state(state):
+    # were KeyError, "invalid literal for int()", a negative step accepted, TypeError on subscripting
+    sched = AnnealedWeightDecay(opt(), start=0.1, total_steps=3)
+    sched.step()
+    assert_raises_naming(lambda: sched.load_state_dict(state), ValueError, ["state", "step_count"])
+    assert sched.step_count == 1
+    sched.load_state_dict({"step_count": 3})
+    assert sched.optimizer.param_groups[0]["weight_decay"] == sched.value() == 0.0
