@@ -106,6 +106,10 @@ class KindLinear(nn.Module):
         return class_ids
 
     def forward(self, x: torch.Tensor, class_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2 \
+                or x.shape[-1] != self.in_features:
+            got = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected a floating-point tensor [batch, ..., {self.in_features}], got {got}")
         ids = self._check_ids(x, self.class_ids if class_ids is None else class_ids)
         x = x.to(self.kind_U.dtype)
         y = F.linear(x, self.weight, self.bias)

@@ -591,7 +591,7 @@ def test_balora_loss(data):
 def test_adapt_kind_soma(data):
     method = data.draw(st.sampled_from(["kind", "soma"]))
     bad = data.draw(st.sampled_from([None] * 4 + ["rank", "tailor_rank", "classes", "freeze_blocks", "typo",
-                                                  "weight", "class_ids"]))
+                                                  "weight", "class_ids", "x"]))
     torch.manual_seed(data.draw(st.integers(0, 9)))
     w = data.draw(st.integers(4, 8))
     model = nn.Sequential(nn.Sequential(nn.Linear(w, w), nn.Tanh()), nn.Sequential(nn.Linear(w, w), nn.Tanh()),
@@ -621,7 +621,8 @@ def test_adapt_kind_soma(data):
         for (n, a), b in zip(original.state_dict().items(), model.state_dict().values()):
             assert torch.equal(a, b) or bool((a.isnan() & b.isnan()).any()), n
         return
-    x = torch.randn(3, w)
+    x = torch.randn(3, w) if bad != "x" else data.draw(st.sampled_from([torch.randn(3, w + 1), torch.randn(w),
+                                                                           torch.ones(3, w, dtype=torch.int64)]))
     if method == "kind":
         ids = torch.randint(0, kw["classes"], (3,))
         if bad == "class_ids":
@@ -631,7 +632,7 @@ def test_adapt_kind_soma(data):
             with torch.no_grad():
                 assert torch.allclose(y.value, original[0][0](x), atol=1e-4 * (1 + float(W.abs().max()))), \
                     "KIND changed the output at init"
-    elif finite:
+    elif finite and bad != "x":
         with torch.no_grad():
             y, y0 = out.value(x), original(x)
         assert torch.allclose(y, y0, atol=1e-3 * (1 + float(y0.abs().max()))), "SoMA changed the output at init"
@@ -766,3 +767,71 @@ def test_qgalore_int8(data):
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     else:
         assert all(torch.isfinite(t.float()).all() for t in model.state_dict().values())
+
+
+@fuzz(25)
+@given(data=st.data())
+def test_kind_files(tmp_path_factory, data):
+    """load_kind on a corrupted save_kind file: FormatError naming the path (or a named
+    error), the model unchanged; an intact file rebuilds bit-identical outputs."""
+    from svdkernels.adapters import load_kind, save_kind
+    from svdkernels.testing.files import rewrite_safetensors
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 5))
+    adapted = svdkernels.adapt(copy.deepcopy(base), "kind", rank=2, tailor_rank=2, classes=2)
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    d = tmp_path_factory.mktemp("kind")
+    save_kind(adapted, d / "k.safetensors")
+    what = data.draw(st.sampled_from(["ok", "shape", "dtype", "nan", "drop", "extra", "meta_json", "meta_layer",
+                                      "features", "gate", "no_layer"]))
+    key = data.draw(st.sampled_from(["0.kind_U", "0.kind_S", "0.tailor_V", "2.tailor_gate", "2.removed_up"]))
+    changed = [what != "ok"]
+
+    def tensors(t):
+        if what == "shape":
+            t[key] = torch.cat([t[key], t[key][:1]])
+        elif what == "dtype":
+            t[key] = t[key].to(torch.float64) if t[key].is_floating_point() else t[key].float()
+        elif what == "nan":
+            if t[key].is_floating_point():
+                t[key] = t[key].clone()
+                t[key].view(-1)[0] = math.nan
+            else:
+                changed[0] = False  # a boolean gate holds no NaN: the file is intact
+        elif what == "drop":
+            t.pop(key)
+        elif what == "extra":
+            t["9.kind_U"] = torch.zeros(2)
+        elif what == "gate":
+            t["2.tailor_gate"] = torch.zeros_like(t["2.tailor_gate"])
+
+    def meta(m):
+        import json
+        layers = json.loads(m["layers"])
+        if what == "meta_json":
+            m["layers"] = "{"
+        elif what == "meta_layer":
+            m["layers"] = json.dumps({**layers, "0": "x"})
+        elif what == "features":
+            layers["0"]["in_features"] = 7
+            m["layers"] = json.dumps(layers)
+        elif what == "no_layer":
+            m["layers"] = json.dumps({"9": layers["0"], "2": layers["2"]})
+
+    path = rewrite_safetensors(d / "k.safetensors", d / "bad.safetensors", tensors=tensors, meta=meta)
+    target = copy.deepcopy(base)
+    before = copy.deepcopy(target.state_dict())
+    out = run_case("load_kind", lambda: load_kind(target, path), ["model", "path"], finite_input=True)
+    if not out.ok:
+        after = target.state_dict()
+        assert set(after) == set(before) and all(torch.equal(v, before[k]) for k, v in after.items()), what
+        return
+    assert not changed[0], f"a corrupted file ({what}, {key}) was accepted"
+    x, ids = torch.randn(3, 6), torch.tensor([0, 1, 0])
+    from svdkernels.adapters.kind import kind_classes
+    with torch.no_grad(), kind_classes(adapted, ids), kind_classes(out.value, ids):
+        assert torch.equal(adapted(x), out.value(x))

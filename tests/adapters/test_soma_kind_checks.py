@@ -1,4 +1,4 @@
-"""AnnealedWeightDecay's argument checks found by tests/fuzz/test_fuzz_train.py."""
+"""AnnealedWeightDecay (SoMA) and KindLinear argument checks found by tests/fuzz/test_fuzz_train.py."""
 import pytest
 import torch
 from torch import nn
@@ -27,3 +27,16 @@ def test_load_state_dict_checks_the_state(state):
     assert sched.step_count == 1
     sched.load_state_dict({"step_count": 3})
     assert sched.optimizer.param_groups[0]["weight_decay"] == sched.value() == 0.0
+
+
+@pytest.mark.parametrize("x", [torch.randn(3, 7), torch.randn(6), torch.ones(3, 6, dtype=torch.int64)])
+def test_kind_linear_names_a_bad_x(x):
+    """(KIND, found by the same fuzz) was "mat1 and mat2 shapes cannot be multiplied" or
+    a class_ids error for an x of the wrong shape."""
+    import svdkernels
+
+    torch.manual_seed(0)
+    model = svdkernels.adapt(nn.Sequential(nn.Linear(6, 6), nn.Tanh()), "kind", rank=2, tailor_rank=2, classes=2)
+    ids = torch.tensor([0, 1, 0])
+    assert_raises_naming(lambda: model[0](x, ids), ValueError, ["x", "[batch, ..., 6]"])
+    assert model[0](torch.randn(3, 6), ids).shape == (3, 6)
