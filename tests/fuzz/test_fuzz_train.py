@@ -835,3 +835,35 @@ def test_kind_files(tmp_path_factory, data):
     from svdkernels.adapters.kind import kind_classes
     with torch.no_grad(), kind_classes(adapted, ids), kind_classes(out.value, ids):
         assert torch.equal(adapted(x), out.value(x))
+
+
+# --------------------------------------------------------------------- open findings in the op
+
+OP_OWNER = "svdkernels/ops/lowrank_adam_step.py validate() (ops owner; not the trainer's file): open fuzz finding"
+
+
+def _op_operands():
+    g = torch.Generator().manual_seed(0)
+    W, G = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    P = torch.linalg.qr(torch.randn(3, 2, generator=g))[0].T.contiguous()
+    return W, G, P, torch.zeros(4, 2), torch.zeros(4, 2)
+
+
+@pytest.mark.xfail(strict=True, reason=OP_OWNER + ": a non-finite step_size/eps/decay is accepted and writes "
+                                                  "NaN/inf into W silently")
+@pytest.mark.parametrize("name, value", [("step_size", math.nan), ("step_size", math.inf), ("eps", math.nan),
+                                         ("decay", math.nan), ("decay", math.inf)])
+def test_op_refuses_non_finite_hyper_parameters(name, value):
+    W, G, P, m, v = _op_operands()
+    kw = {"step_size": 1e-3, name: value}
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        svdkernels.lowrank_adam_step(W, G, P, m, v, **kw)
+
+
+@pytest.mark.xfail(strict=True, reason=OP_OWNER + ": a bad betas is reported as 'beta1: ...'/'beta2: ...', "
+                                                  "names the public entry does not have")
+@pytest.mark.parametrize("betas", [(1.0, 0.9), (0.9, math.nan)])
+def test_op_names_betas(betas):
+    W, G, P, m, v = _op_operands()
+    with pytest.raises(ValueError, match=r"^betas(\[\d\])?: "):
+        svdkernels.lowrank_adam_step(W, G, P, m, v, step_size=1e-3, betas=betas)
