@@ -12,6 +12,7 @@
 #include "cpu/kron_linear.h"
 #include "cpu/lowrank_attention.h"
 #include "cpu/lowrank_quant.h"
+#include "cpu/rsvd.h"
 
 TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
   // y [M, N] = x·deq(qweight)ᵀ + (x·L_downᵀ)·L_upᵀ + bias; see csrc/cpu/lowrank_quant.cpp.
@@ -45,6 +46,13 @@ TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
   m.def(
       "_cpp_lowrank_w4a4_gemm(Tensor xq, Tensor xscale, Tensor qweight, Tensor scales, Tensor lowrank_act, "
       "Tensor L_up, Tensor? bias, bool unsigned, int isa=-1) -> Tensor");
+
+  // rsvd (csrc/cpu/rsvd.cpp): the whole randomized SVD of A [B, m, n] (float32/16-bit)
+  // in one call, the reference's recipe; (U, S, Vh, status), status > 0: rerun the
+  // reference (1 non-finite projection, 2 indefinite Gram). isa as above.
+  m.def(
+      "_cpp_rsvd(Tensor A, int rank, int width, int n_iter, int seed, ScalarType sketch_dtype, int isa=-1) "
+      "-> (Tensor, Tensor, Tensor, int)");
 }
 
 // A module with no Python functions: importing it is what loads the library.
