@@ -53,7 +53,7 @@ struct VD {
 };
 constexpr int kWD = 4;
 inline VD vdzero() { return VD{{0.0, 0.0, 0.0, 0.0}}; }
-inline VD vdload_f(const float* p) { return VD{{p[0], p[1], p[2], p[3]}}; }
+inline VD vdload(const double* p) { return VD{{p[0], p[1], p[2], p[3]}}; }
 inline VD vdfma(VD a, VD b, VD c) {
   VD r;
   for (int i = 0; i < 4; ++i) r.x[i] = a.x[i] * b.x[i] + c.x[i];
@@ -145,10 +145,10 @@ bool inverse_factor(const double* G, int64_t l, int64_t len, float* T, double* w
 
 // Scratch of one matrix's thin work, reused across a thread's matrices.
 struct Scratch {
-  std::vector<double> G, work, W;
+  std::vector<double> G, work, Xd;
   std::vector<float> Gf, T, col, Wf;
   explicit Scratch(int64_t l)
-      : G(l * l), work(2 * l * l), W(l * l), Gf(l * l), T(l * l), col(l), Wf(l * l) {}
+      : G(l * l), work(2 * l * l), Xd(l * rsvd_kernels::kGramScratch), Gf(l * l), T(l * l), col(l * rsvd_kernels::kTriScratch), Wf(l * l) {}
 };
 
 // One Cholesky QR pass on X [l, len] in place (reference.cholqr.cholqr): the Gram
@@ -156,7 +156,7 @@ struct Scratch {
 bool orth(const Kernels& K, float* X, int64_t l, int64_t len, bool gram64, Scratch& s) {
   auto gram = [&] {
     if (gram64) {
-      K.gram_f64(X, l, len, s.G.data());
+      K.gram_f64(X, l, len, s.Xd.data(), s.G.data());
     } else {
       K.gram_f32(X, l, len, s.Gf.data(), s.G.data());
     }
@@ -188,7 +188,7 @@ int64_t small_svd(const Kernels& K, const float* Qt, float* P, int64_t l, int64_
   const float amax = abs_max(P, l * n);
   if (!std::isfinite(amax)) return kNonFinite;
   const double c = unit_scale(amax);
-  K.gram_f64(P, l, n, s.G.data());
+  K.gram_f64(P, l, n, s.Xd.data(), s.G.data());
   for (int64_t i = 0; i < l * l; ++i) s.G[i] *= c * c;  // the Gram of c·P, exactly
   const at::Tensor G = at::from_blob(s.G.data(), {l, l}, at::TensorOptions().dtype(at::kDouble));
   const auto eig = at::linalg_eigh(G);

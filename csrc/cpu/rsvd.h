@@ -26,15 +26,21 @@ namespace rsvd_kernels {
 // The thin-matrix kernels of one instruction set. Thin matrices are stored "row
 // layout": X [l, len] row-major, each of the l basis vectors contiguous.
 struct Kernels {
-  // G [l, l] (row-major, both triangles) = X·Xᵀ accumulated in float32 (gram_f32) or
-  // float64 (gram_f64). scratch: l·l floats.
+  // G [l, l] (row-major, both triangles) = X·Xᵀ accumulated in float32 (gram_f32;
+  // scratch: l·l floats) or float64 (gram_f64; scratch: l·kGramScratch doubles).
   void (*gram_f32)(const float* X, int64_t l, int64_t len, float* scratch, double* G);
-  void (*gram_f64)(const float* X, int64_t l, int64_t len, double* G);
+  void (*gram_f64)(const float* X, int64_t l, int64_t len, double* scratch, double* G);
   // X ← Tᵀ·X in place, T [l, l] upper triangular (zeros below the diagonal stored).
+  // scratch: l·kTriScratch floats.
   void (*tri_apply)(const float* T, int64_t l, float* X, int64_t len, float* scratch);
   // C [M, N] = A [M, K]·Bm [K, N] (ta: A stored [K, M]); all row-major, contiguous.
   void (*gemm)(const float* A, bool ta, const float* Bm, float* C, int64_t M, int64_t K, int64_t N);
 };
+
+// Columns of gram_f64's float64 scratch per basis vector.
+constexpr int64_t kGramScratch = 128;
+// Floats of tri_apply's scratch per basis vector (three vectors of the widest ISA).
+constexpr int64_t kTriScratch = 48;
 
 const Kernels& generic();
 const Kernels& avx2();

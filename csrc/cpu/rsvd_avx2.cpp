@@ -27,7 +27,7 @@ namespace avx2_impl {
 using VD = __m256d;
 constexpr int kWD = 4;
 inline VD vdzero() { return _mm256_setzero_pd(); }
-inline VD vdload_f(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+inline VD vdload(const double* p) { return _mm256_loadu_pd(p); }
 inline VD vdfma(VD a, VD b, VD c) { return _mm256_fmadd_pd(a, b, c); }
 inline double vdsum(VD v) {
   const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));

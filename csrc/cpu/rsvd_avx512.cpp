@@ -32,7 +32,7 @@ namespace avx512_impl {
 using VD = __m512d;
 constexpr int kWD = 8;
 inline VD vdzero() { return _mm512_setzero_pd(); }
-inline VD vdload_f(const float* p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
+inline VD vdload(const double* p) { return _mm512_loadu_pd(p); }
 inline VD vdfma(VD a, VD b, VD c) { return _mm512_fmadd_pd(a, b, c); }
 inline double vdsum(VD v) { return _mm512_reduce_add_pd(v); }
 

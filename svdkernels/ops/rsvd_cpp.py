@@ -27,7 +27,6 @@ def cpp_supports(
     A: torch.Tensor,
     rank: int,
     oversample: int,
-    n_iter: int,
     center: Optional[str] = None,
     method: str = "hmt",
     tol: Optional[float] = None,
