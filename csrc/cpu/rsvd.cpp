@@ -10,19 +10,25 @@
 // - Thin matrices live in "row layout" X [l, len] (every basis vector contiguous):
 //   each pass is one MKL bmm into a workspace, Qᵀ·A as stored and A·Z as Zᵀ·Aᵀ
 //   (measured as fast as A·X here), so no thin transposes or dtype copies.
-// - Between passes, one at::parallel_for over the batch does each matrix's Cholesky
-//   QR single-threaded: the symmetric Gram (half a GEMM, register-tiled, float32 or
-//   float64 accumulation as the reference), the l×l Cholesky and triangular inverse
-//   in float64, and the triangular multiply Q = Y·R⁻¹ in place (half a GEMM). torch's
-//   batched LAPACK calls on these tiny matrices open a parallel region per call: on
-//   a loaded 2-core CPU each one measured 10-100x slower than its work.
+// - Each matrix's Cholesky QR runs single-threaded: the symmetric Gram (half a
+//   GEMM, register-tiled, float32 or float64 accumulation as the reference), the
+//   l×l Cholesky and triangular inverse in float64, and the triangular multiply
+//   Q = Y·R⁻¹ in place (half a GEMM). torch's batched LAPACK calls on these tiny
+//   matrices open a parallel region per call: on a loaded 2-core CPU each one
+//   measured 10-100x slower than its work.
+// - With at least as many matrices as threads (and an even share), each thread runs
+//   its matrices start to end, products included (MKL is single-threaded inside a
+//   parallel region): one parallel region per call instead of two barriers per pass.
+//   Otherwise (one matrix, say) the passes are threaded bmm calls and the thin work
+//   one parallel_for over the batch between them. Both give the same bits.
 // - The power-of-two scaling of every basis (reference.cholqr.unit_scale) is applied
 //   only where the unscaled Gram would leave float32's comfortable range: Q does
 //   not depend on it, so the common case skips a read and a write of Y.
 //
 // Instruction sets (isa: -1 best, 0 portable, 1 AVX2+FMA, 2 or 3 AVX-512F): the thin
 // kernels (rsvd_kernel.h) are compiled once per set (rsvd_avx2.cpp, rsvd_avx512.cpp,
-// and here for the portable path). Results do not depend on the thread count.
+// and here for the portable path). Results do not depend on the thread count
+// (tested for 1 and 2 threads, both paths).
 
 #include "rsvd.h"
 
@@ -242,20 +248,73 @@ void pass(const at::Tensor& A, const at::Tensor& X, bool transpose, at::Tensor& 
   }
 }
 
-// Each matrix of the batch through fn(b) -> status, in parallel; the worst status.
+// The worse of two statuses, into `status`.
+void worst(std::atomic<int64_t>& status, int64_t st) {
+  int64_t cur = status.load();
+  while (st > cur && !status.compare_exchange_weak(cur, st)) {
+  }
+}
+
+// Each matrix of the batch through fn(b, scratch) -> status, in parallel; the worst status.
 template <typename Fn>
 int64_t for_each_matrix(int64_t B, int64_t l, const Fn& fn) {
   std::atomic<int64_t> status{kOk};
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     Scratch s(l);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t st = fn(b, s);
-      int64_t cur = status.load();
-      while (st > cur && !status.compare_exchange_weak(cur, st)) {
-      }
-    }
+    for (int64_t b = b0; b < b1; ++b) worst(status, fn(b, s));
   });
   return status.load();
+}
+
+// The tensors of one call: A in the pass dtypes, the test matrix, the thin
+// workspaces and the outputs, all [B, ...].
+struct Problem {
+  at::Tensor A_s, A_p;  // A in the sketch dtype and in float32 (may be the same tensor)
+  at::Tensor omega;     // [B, n, l] float32
+  at::Tensor Yt, Zt;    // [B, l, m], [B, l, n] float32
+  at::Tensor U, S, Vh;  // [B, m, k], [B, k], [B, k, n] float32
+  int64_t n_iter;
+};
+
+// The algorithm on matrices [b0, b1): batched passes (bmm) alternating with the
+// per-matrix thin work. Inside a parallel region the bmm calls run single-threaded.
+int64_t run(const Kernels& K, const Problem& pr, int64_t b0, int64_t b1) {
+  const int64_t B = b1 - b0, n_iter = pr.n_iter;
+  auto part = [&](const at::Tensor& t) { return t.narrow(0, b0, B); };
+  const at::Tensor A_s = part(pr.A_s), A_p = part(pr.A_p);
+  at::Tensor Yt = part(pr.Yt), Zt = part(pr.Zt);
+  const int64_t l = Yt.size(1), m = Yt.size(2), n = Zt.size(2), k = pr.S.size(1);
+  float* y = Yt.data_ptr<float>();
+  float* z = Zt.data_ptr<float>();
+  // Sketch: plan[0] is a sketch pass, or (n_iter = 0) the float32 last range pass.
+  pass(n_iter > 0 ? A_s : A_p, part(pr.omega).transpose(1, 2), false, Yt);
+  for (int64_t it = 0; it < n_iter; ++it) {
+    // The bases between passes only steer the subspace: one pass, float32 Gram.
+    int64_t st = for_each_matrix(B, l, [&](int64_t b, Scratch& s) {
+      return orth(K, y + b * l * m, l, m, false, s) ? kOk : kIndefinite;
+    });
+    if (st != kOk) return st;
+    pass(A_s, Yt, true, Zt);
+    st = for_each_matrix(B, l, [&](int64_t b, Scratch& s) {
+      return orth(K, z + b * l * n, l, n, false, s) ? kOk : kIndefinite;
+    });
+    if (st != kOk) return st;
+    pass(it + 1 < n_iter ? A_s : A_p, Zt, false, Yt);
+  }
+  // The final basis: CholeskyQR2 (float64 Gram, then float32), then the projection
+  // P = Qᵀ·A [l, n] in float32 and the small SVD.
+  int64_t st = for_each_matrix(B, l, [&](int64_t b, Scratch& s) {
+    float* Y = y + b * l * m;
+    return orth(K, Y, l, m, true, s) && orth(K, Y, l, m, false, s) ? kOk : kIndefinite;
+  });
+  if (st != kOk) return st;
+  pass(A_p, Yt, true, Zt);
+  float* u = part(pr.U).data_ptr<float>();
+  float* sv = part(pr.S).data_ptr<float>();
+  float* vh = part(pr.Vh).data_ptr<float>();
+  return for_each_matrix(B, l, [&](int64_t b, Scratch& s) {
+    return small_svd(K, y + b * l * m, z + b * l * n, l, m, n, k, u + b * m * k, sv + b * k, vh + b * k * n, s);
+  });
 }
 
 }  // namespace
@@ -282,51 +341,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> rsvd(const at::Tensor& A
   const Kernels& K = pick_kernels(isa == kIsaAuto ? best : isa);
   const int64_t l = width, k = rank;
   const auto f32 = A_in.options().dtype(at::kFloat);
-  at::Tensor U = at::empty({B, m, k}, f32), S = at::empty({B, k}, f32), Vh = at::empty({B, k, n}, f32);
-  if (B == 0) return {U, S, Vh, kOk};
+  Problem pr;
+  pr.n_iter = n_iter;
+  pr.U = at::empty({B, m, k}, f32);
+  pr.S = at::empty({B, k}, f32);
+  pr.Vh = at::empty({B, k, n}, f32);
+  if (B == 0) return {pr.U, pr.S, pr.Vh, kOk};
 
   // One operand per pass dtype (the reference's prepare): a copy of A only where
   // its dtype differs (16-bit input: the last two passes read it in float32).
-  const at::Tensor A_p = dt == at::kFloat ? A_in : A_in.to(at::kFloat);
-  const at::Tensor A_s = sketch_dtype == dt ? A_in : sketch_dtype == at::kFloat ? A_p : A_in.to(sketch_dtype);
+  pr.A_p = dt == at::kFloat ? A_in : A_in.to(at::kFloat);
+  pr.A_s = sketch_dtype == dt ? A_in : sketch_dtype == at::kFloat ? pr.A_p : A_in.to(sketch_dtype);
   // The reference's test matrix, bit for bit: torch.randn(B, n, l) from a CPU
   // generator seeded with `seed`.
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
-  const at::Tensor omega = at::randn({B, n, l}, gen, f32);
+  pr.omega = at::randn({B, n, l}, gen, f32);
+  pr.Yt = at::empty({B, l, m}, f32);
+  pr.Zt = at::empty({B, l, n}, f32);
 
-  at::Tensor Yt = at::empty({B, l, m}, f32), Zt = at::empty({B, l, n}, f32);
-  float* y = Yt.data_ptr<float>();
-  float* z = Zt.data_ptr<float>();
-  // Sketch: plan[0] is a sketch pass, or (n_iter = 0) the float32 last range pass.
-  pass(n_iter > 0 ? A_s : A_p, omega.transpose(1, 2), false, Yt);
-  for (int64_t it = 0; it < n_iter; ++it) {
-    // The bases between passes only steer the subspace: one pass, float32 Gram.
-    int64_t st = for_each_matrix(B, l, [&](int64_t b, Scratch& s) {
-      return orth(K, y + b * l * m, l, m, false, s) ? kOk : kIndefinite;
-    });
-    if (st != kOk) return {U, S, Vh, st};
-    pass(A_s, Yt, true, Zt);
-    st = for_each_matrix(B, l, [&](int64_t b, Scratch& s) {
-      return orth(K, z + b * l * n, l, n, false, s) ? kOk : kIndefinite;
-    });
-    if (st != kOk) return {U, S, Vh, st};
-    pass(it + 1 < n_iter ? A_s : A_p, Zt, false, Yt);
+  // Enough matrices for every thread: each thread runs its share of the batch
+  // start to end (single-threaded products), one parallel region in all. Between
+  // the passes of the batched path every thread meets the others at a barrier
+  // twice per pass, which on a loaded machine waits for descheduled threads.
+  const int64_t threads = at::get_num_threads();
+  if (B > 1 && threads > 1 && B >= threads && (B % threads == 0 || B >= 4 * threads)) {
+    std::atomic<int64_t> status{kOk};
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { worst(status, run(K, pr, b0, b1)); });
+    return {pr.U, pr.S, pr.Vh, status.load()};
   }
-  // The final basis: CholeskyQR2 (float64 Gram, then float32), then the projection
-  // P = Qᵀ·A [l, n] in float32 and the small SVD.
-  int64_t st = for_each_matrix(B, l, [&](int64_t b, Scratch& s) {
-    float* Y = y + b * l * m;
-    return orth(K, Y, l, m, true, s) && orth(K, Y, l, m, false, s) ? kOk : kIndefinite;
-  });
-  if (st != kOk) return {U, S, Vh, st};
-  pass(A_p, Yt, true, Zt);
-  float* u = U.data_ptr<float>();
-  float* sv = S.data_ptr<float>();
-  float* vh = Vh.data_ptr<float>();
-  st = for_each_matrix(B, l, [&](int64_t b, Scratch& s) {
-    return small_svd(K, y + b * l * m, z + b * l * n, l, m, n, k, u + b * m * k, sv + b * k, vh + b * k * n, s);
-  });
-  return {U, S, Vh, st};
+  return {pr.U, pr.S, pr.Vh, run(K, pr, 0, B)};
 }
 
 TORCH_LIBRARY_IMPL(svdkernels, CPU, m) { m.impl("_cpp_rsvd", &rsvd); }

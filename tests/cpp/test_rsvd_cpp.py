@@ -117,9 +117,13 @@ def test_a_different_sketch_would_fail_these_tolerances():
         agree(got, reference.rsvd(A, 16, seed=4), A, s_tol=2e-6, rec_tol=2e-6)
 
 
-def test_seed_reproducible_and_thread_count_independent():
-    A = poly((5,), 130, 90, seed=9)
+@pytest.mark.parametrize("batch", [4, 5])
+def test_seed_reproducible_and_thread_count_independent(batch):
+    # With two threads a batch of 4 runs each thread's matrices start to end (one
+    # parallel region), a batch of 5 the batched passes; one thread runs the latter.
+    A = poly((batch,), 130, 90, seed=9)
     serial = rsvd_cpp.rsvd(A, 8, oversample=10, n_iter=2, seed=123)
+    want = reference.rsvd(A, 8, seed=123)
     torch.set_num_threads(2)  # the fixture restores the count
     one = rsvd_cpp.rsvd(A, 8, oversample=10, n_iter=2, seed=123)
     other = rsvd_cpp.rsvd(A, 8, oversample=10, n_iter=2, seed=124)
@@ -127,6 +131,7 @@ def test_seed_reproducible_and_thread_count_independent():
         assert torch.equal(a, b)
     assert torch.equal(one[1], rsvd_cpp.rsvd(A, 8, oversample=10, n_iter=2, seed=123)[1])
     assert not torch.equal(one[0], other[0])
+    agree(one, want, A, s_tol=2e-6, rec_tol=2e-6)
     # Negative seeds are int64 seeds as torch.Generator.manual_seed takes them.
     agree(rsvd_cpp.rsvd(A, 8, oversample=10, n_iter=2, seed=-7), reference.rsvd(A, 8, seed=-7), A,
           s_tol=2e-6, rec_tol=2e-6)
