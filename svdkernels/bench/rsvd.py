@@ -223,7 +223,8 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method(OURS, run_ours, kind="ours"),
-        Method(OURS_REFERENCE, run_ours_reference, note="the same algorithm in torch calls (what CPU calls ran before the C++ op)"),
+        Method(OURS_REFERENCE, run_ours_reference,
+               note="the same algorithm in torch calls (what CPU calls ran before the C++ op)"),
         Method("torch.svd_lowrank", run_svd_lowrank, note=f"q=k+{OVERSAMPLE}, niter={N_ITER}, batched"),
         Method(
             "sklearn randomized_svd",
