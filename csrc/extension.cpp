@@ -13,6 +13,7 @@
 #include "cpu/lowrank_adam_step.h"
 #include "cpu/lowrank_attention.h"
 #include "cpu/lowrank_quant.h"
+#include "cpu/rsvd.h"
 
 TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
   // y [M, N] = x·deq(qweight)ᵀ + (x·L_downᵀ)·L_upᵀ + bias; see csrc/cpu/lowrank_quant.cpp.
@@ -58,6 +59,12 @@ TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
       "_cpp_lowrank_adam_step_projected(Tensor(a!) W, Tensor R, Tensor P, "
       "Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, bool right, float beta1, float beta2, float eps, "
       "float step_size, float decay, int? sr_seed, int isa=-1) -> ()");
+  // rsvd (csrc/cpu/rsvd.cpp): the whole randomized SVD of A [B, m, n] (float32/16-bit)
+  // in one call, the reference's recipe; (U, S, Vh, status), status > 0: rerun the
+  // reference (1 non-finite projection, 2 indefinite Gram). isa as above.
+  m.def(
+      "_cpp_rsvd(Tensor A, int rank, int width, int n_iter, int seed, ScalarType sketch_dtype, int isa=-1) "
+      "-> (Tensor, Tensor, Tensor, int)");
 }
 
 // A module with no Python functions: importing it is what loads the library.

@@ -5,6 +5,8 @@ Workloads are batches of matrices with a known spectrum (polynomial decay, from
 compared with the optimal rank-k error. For each workload, in the same run:
 
 - ours: ``svdkernels.rsvd(A, k, seed=0)`` at its defaults (oversample 10, 2 power iterations);
+  on the CPU that is the C++ op (``csrc/cpu/rsvd.cpp``) when the extension is built, and
+  then the same call on the reference backend is a row of its own;
 - peers: ``torch.svd_lowrank`` and scikit-learn ``randomized_svd`` at the same
   oversampling and iterations; for the adapter-init workload, PEFT's PiSSA
   initialisations (``torch.svd_lowrank`` with ``niter=4``, and ``torch.linalg.svd``),
@@ -37,6 +39,7 @@ from typing import Any
 import torch
 
 import svdkernels
+from svdkernels.backends import select_backend, use_backend
 from svdkernels.bench import Row, bench_device, device_peaks, register, roofline_row, time_fn
 from svdkernels.reference import rsvd as reference
 from svdkernels.testing.matrices import relative_errors, spectral_matrix
@@ -140,6 +143,12 @@ def run_ours(mats: Sequence[torch.Tensor], k: int) -> list[Factors]:
     return [svdkernels.rsvd(A, k, seed=0) for A in mats]
 
 
+def run_ours_reference(mats: Sequence[torch.Tensor], k: int) -> list[Factors]:
+    """:func:`run_ours` on the reference backend (torch products and LAPACK calls)."""
+    with use_backend("reference"):
+        return run_ours(mats, k)
+
+
 def run_svd_lowrank(mats: Sequence[torch.Tensor], k: int) -> list[Factors]:
     """``torch.svd_lowrank`` on the whole batch, same oversampling and iterations as ours."""
     out = []
@@ -209,10 +218,13 @@ class Method:
 
 
 OURS = "ours (svdkernels.rsvd)"
+OURS_REFERENCE = "ours, reference backend"
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method(OURS, run_ours, kind="ours"),
+        Method(OURS_REFERENCE, run_ours_reference,
+               note="the same algorithm in torch calls (what CPU calls ran before the C++ op)"),
         Method("torch.svd_lowrank", run_svd_lowrank, note=f"q=k+{OVERSAMPLE}, niter={N_ITER}, batched"),
         Method(
             "sklearn randomized_svd",
@@ -410,10 +422,15 @@ def bench_rsvd(quick: bool, repeats: int) -> Iterator[Row | str]:
         mats = matrices(wl, str(device))
         ours = measure(METHODS[OURS], wl, mats, repeats)
         notes = [] if hasattr(svdkernels, "rsvd") else ["svdkernels.rsvd absent: reference.rsvd"]
+        cpp = device.type == "cpu" and select_backend("rsvd", device, has_cpp=True) == "cpp"
+        if cpp:
+            notes.append("C++ op (csrc/cpu/rsvd.cpp)")
         if len(wl.groups) > 1:
             notes.append(f"{len(wl.groups)} batched calls: " + ", ".join(map(str, wl.groups)))
         ours.note = "; ".join(notes)
         yield ours
+        if cpp:
+            yield measure(METHODS[OURS_REFERENCE], wl, mats, repeats)
         for peer in wl.peers:
             yield measure(METHODS[peer], wl, mats, repeats)
         yield from _product_rows(wl, mats, plan, ours.time_ms, repeats)

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from svdkernels.backends import select_backend
+from svdkernels.backends import requested_backend, select_backend
 from svdkernels.reference import rsvd as reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -124,7 +124,25 @@ def validate_seed(seed: object) -> None:
 def _use_triton(A: torch.Tensor, center, method, tol, shift_u) -> bool:
     plain = A.layout == torch.strided and A.dtype in (torch.float32, torch.float16, torch.bfloat16)
     plain = plain and center is None and method == "hmt" and tol is None and shift_u is None
-    return plain and select_backend("rsvd", A.device) == "triton"
+    return plain and select_backend("rsvd", A.device, has_cpp=True) == "triton"
+
+
+def _use_cpp(A: torch.Tensor, rank, oversample, center, method, tol, shift_u) -> bool:
+    """The C++ op (csrc/cpu/rsvd.cpp) for the CPU calls it covers; a forced ``cpp``
+    backend with any other call raises rather than running the reference."""
+    if select_backend("rsvd", A.device, has_cpp=True) != "cpp":
+        return False
+    from svdkernels.ops import rsvd_cpp
+
+    if rsvd_cpp.cpp_supports(A, rank, oversample, center, method, tol, shift_u):
+        return True
+    if requested_backend() == "cpp":
+        raise RuntimeError(
+            "rsvd: the cpp backend takes dense float32/bfloat16/float16 CPU tensors with method='hmt', no center, "
+            f"tol or shift and rank + oversample < min(m, n); got {A.device.type} {A.dtype} {A.layout}, "
+            f"method={method!r}, center={center!r}, tol={tol!r}, rank + oversample = {rank + oversample}"
+        )
+    return False
 
 
 @torch.library.custom_op("svdkernels::rsvd", mutates_args=())
@@ -156,6 +174,10 @@ def rsvd_op(
         from svdkernels.triton import rsvd as triton_rsvd
 
         out = triton_rsvd.rsvd(A, rank, **kwargs)
+    elif _use_cpp(A, rank, oversample, center, method, tol, shift_u):
+        from svdkernels.ops import rsvd_cpp
+
+        out = rsvd_cpp.rsvd(A, rank, **kwargs)
     else:
         shift = None if shift_u is None else (shift_u, shift_v)
         out = reference.rsvd(A, rank, center=center, shift=shift, method=method, tol=tol, **kwargs)
