@@ -14,6 +14,7 @@ uint8 with ``P_scale, P_zero [r, ceil(k/256)]`` float32 (the layout of
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -112,6 +113,9 @@ def validate(
     for name, value in (("beta1", beta1), ("beta2", beta2)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name}: expected 0 <= {name} < 1, got {value}")
+    for name, value in (("eps", eps), ("step_size", step_size), ("decay", decay)):
+        if not math.isfinite(value):  # a NaN or inf here would be written into W
+            raise ValueError(f"{name}: expected a finite float, got {value}")
     if eps < 0:
         raise ValueError(f"eps: expected >= 0, got {eps}")
     if sr_seed is not None:
@@ -248,6 +252,10 @@ def lowrank_adam_step(
         raise ValueError(f"side: expected one of {SIDES}, got {side!r}")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas: expected a pair of floats, got {betas!r}")
+    for i, beta in enumerate(betas):  # named as the caller wrote them, before validate's beta1/beta2
+        _check_float(f"betas[{i}]", beta)
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"betas[{i}]: expected 0 <= betas[{i}] < 1, got {beta}")
     beta1, beta2 = betas
     args = (W, G, P, P_scale, P_zero, exp_avg, exp_avg_sq, side == "right", beta1, beta2, eps,
             step_size, decay, sr_seed)
