@@ -12,6 +12,7 @@
 #include "cpu/kron_linear.h"
 #include "cpu/lowrank_attention.h"
 #include "cpu/lowrank_quant.h"
+#include "cpu/sym_eigvalsh.h"
 
 TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
   // y [M, N] = x·deq(qweight)ᵀ + (x·L_downᵀ)·L_upᵀ + bias; see csrc/cpu/lowrank_quant.cpp.
@@ -45,6 +46,10 @@ TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
   m.def(
       "_cpp_lowrank_w4a4_gemm(Tensor xq, Tensor xscale, Tensor qweight, Tensor scales, Tensor lowrank_act, "
       "Tensor L_up, Tensor? bias, bool unsigned, int isa=-1) -> Tensor");
+
+  // Eigenvalues [B, n] ascending of symmetric G [B, n, n] (float32/float64, lower
+  // triangle read), one matrix per thread; see csrc/cpu/sym_eigvalsh.cpp. isa as above.
+  m.def("_cpp_sym_eigvalsh(Tensor G, int isa=-1) -> Tensor");
 }
 
 // A module with no Python functions: importing it is what loads the library.
