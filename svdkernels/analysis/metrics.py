@@ -94,7 +94,7 @@ def singular_values(A: torch.Tensor, *, k: Optional[int] = None, rtol: Optional[
     Returns:
         ``[..., min(m, n)]`` (or ``[..., k]``) float32, descending.
     """
-    check_matrix(A, "A", finite=False)
+    check_matrix(A, "A")
     m, n = A.shape[-2:]
     p = min(m, n)
     if k is not None:
@@ -124,10 +124,14 @@ def gram_lower(A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The Gram matrix of the smaller side of ``A`` ``[..., m, n]`` in ``dtype``,
     ``[..., p, p]`` (``p = min(m, n)``), lower triangle only: the blocks above the
     diagonal are zero and never computed (symmetric eigensolvers read one triangle).
+    The whole Gram when ``A`` needs a gradient.
     """
     X = A.to(dtype)
     if X.shape[-2] < X.shape[-1]:
         X = X.mT  # AAᵀ = (Aᵀ)ᵀ(Aᵀ): a view; matmul takes the strides
+    if X.requires_grad and torch.is_grad_enabled():
+        # Autograd of eigvalsh takes the matrix as symmetric: give it the whole Gram.
+        return X.mT @ X
     p = X.shape[-1]
     G = X.new_zeros(*X.shape[:-2], p, p)
     cuts = [p * i // _GRAM_BLOCKS for i in range(_GRAM_BLOCKS + 1)] if p >= 64 * _GRAM_BLOCKS else [0, p]

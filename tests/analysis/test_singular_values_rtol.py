@@ -113,6 +113,22 @@ def test_gram_lower_is_the_lower_triangle(shape) -> None:
         assert float(G[..., : p // 4, p // 2:].abs().max()) == 0.0
 
 
+def test_gradient_through_the_exact_route() -> None:
+    """A gradient flows as through the full Gram (the lower-block Gram is for values only)."""
+    A = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    singular_values(A).double().sum().backward()
+    U, _, Vh = torch.linalg.svd(A.detach(), full_matrices=False)
+    torch.testing.assert_close(A.grad, U @ Vh, rtol=1e-5, atol=1e-6)  # d(Σσ)/dA = U·Vᵀ
+
+
+def test_non_finite_input_names_a() -> None:
+    A = torch.randn(3, 6, 5)
+    A[1, 2, 3] = float("nan")
+    for rtol in (None, 1e-3):
+        with pytest.raises(ValueError, match="A: expected finite values"):
+            singular_values(A, rtol=rtol)
+
+
 def test_rtol_bad_values() -> None:
     A = torch.randn(4, 5)
     with pytest.raises(TypeError, match="rtol: expected a float or None, got str"):
