@@ -58,6 +58,62 @@ inline void row_pass(T* row, int64_t c, int64_t i, const T* v, const T* vo, cons
   p[i] += dot + aii * vi;
 }
 
+// Rows i and i+1 together (as two row_pass calls, in another order of additions):
+// the shared vectors (v, vo, wo, p) are loaded and p stored once per pair of rows.
+template <typename T, bool kOld>
+inline void row_pair_pass(T* r0, T* r1, int64_t c, int64_t i, const T* v, const T* vo, const T* wo, T* p) {
+  typedef typename Vec<T>::type V;
+  constexpr int L = Vec<T>::kLanes;
+  const T v0 = v[i], v1 = v[i + 1];
+  const T vo0 = kOld ? vo[i] : T(0), wo0 = kOld ? wo[i] : T(0);
+  const T vo1 = kOld ? vo[i + 1] : T(0), wo1 = kOld ? wo[i + 1] : T(0);
+  V acc0 = {}, acc1 = {};
+  int64_t j = c;
+  for (; j + L <= i; j += L) {
+    V a0 = *reinterpret_cast<const V*>(r0 + j), a1 = *reinterpret_cast<const V*>(r1 + j);
+    if (kOld) {
+      const V wj = *reinterpret_cast<const V*>(wo + j), vj = *reinterpret_cast<const V*>(vo + j);
+      a0 -= vo0 * wj + wo0 * vj;
+      a1 -= vo1 * wj + wo1 * vj;
+      *reinterpret_cast<V*>(r0 + j) = a0;
+      *reinterpret_cast<V*>(r1 + j) = a1;
+    }
+    const V x = *reinterpret_cast<const V*>(v + j);
+    acc0 += a0 * x;
+    acc1 += a1 * x;
+    *reinterpret_cast<V*>(p + j) += a0 * v0 + a1 * v1;
+  }
+  T dot0 = 0, dot1 = 0;
+  for (int l = 0; l < L; ++l) {
+    dot0 += acc0[l];
+    dot1 += acc1[l];
+  }
+  for (; j < i; ++j) {
+    T a0 = r0[j], a1 = r1[j];
+    if (kOld) {
+      a0 -= vo0 * wo[j] + wo0 * vo[j];
+      a1 -= vo1 * wo[j] + wo1 * vo[j];
+      r0[j] = a0;
+      r1[j] = a1;
+    }
+    dot0 += a0 * v[j];
+    dot1 += a1 * v[j];
+    p[j] += a0 * v0 + a1 * v1;
+  }
+  // Row i's diagonal; row i+1's columns i and i+1.
+  T a00 = r0[i], a10 = r1[i], a11 = r1[i + 1];
+  if (kOld) {
+    a00 -= T(2) * vo0 * wo0;
+    a10 -= vo1 * wo0 + wo1 * vo0;
+    a11 -= T(2) * vo1 * wo1;
+    r0[i] = a00;
+    r1[i] = a10;
+    r1[i + 1] = a11;
+  }
+  p[i] += dot0 + a00 * v0 + a10 * v1;
+  p[i + 1] += dot1 + a10 * v0 + a11 * v1;
+}
+
 // Householder vector of x = A[k+1:n, k] (dlarfg's convention): H = I − τ·v·vᵀ with
 // v_{k+1} = 1 maps x to β·e_1. Writes v[k+1:n], returns β; τ = 0 when x is already
 // a multiple of e_1 (H = I).
@@ -101,7 +157,15 @@ void tridiagonalize(T* a, int64_t n, double* d, double* e, T* work) {
     T tau;
     e[k] = householder(a, n, k, v, &tau);
     for (int64_t i = k + 1; i < n; ++i) p[i] = T(0);
-    for (int64_t i = k + 1; i < n; ++i) {
+    int64_t i = k + 1;
+    for (; i + 1 < n; i += 2) {
+      if (k > 0) {
+        row_pair_pass<T, true>(a + i * n, a + (i + 1) * n, k + 1, i, v, vo, wo, p);
+      } else {
+        row_pair_pass<T, false>(a + i * n, a + (i + 1) * n, k + 1, i, v, vo, wo, p);
+      }
+    }
+    if (i < n) {
       if (k > 0) {
         row_pass<T, true>(a + i * n, k + 1, i, v, vo, wo, p);
       } else {
