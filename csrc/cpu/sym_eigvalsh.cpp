@@ -60,14 +60,24 @@ void bisect_generic(const float* d, const float* e2, int64_t n, float lo, float 
 
 #if !((defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)))
 // Not x86-64: best_isa() is 0 and these are never called.
-void tridiagonalize_avx2(float* a, int64_t n, double* d, double* e, float* w) { tridiagonalize_generic(a, n, d, e, w); }
-void tridiagonalize_avx2(double* a, int64_t n, double* d, double* e, double* w) { tridiagonalize_generic(a, n, d, e, w); }
-void tridiagonalize_avx512(float* a, int64_t n, double* d, double* e, float* w) { tridiagonalize_generic(a, n, d, e, w); }
-void tridiagonalize_avx512(double* a, int64_t n, double* d, double* e, double* w) { tridiagonalize_generic(a, n, d, e, w); }
-void bisect_avx2(const float* d, const float* e2, int64_t n, float lo, float hi, float pivmin, int steps, float* out) {
+void tridiagonalize_avx2(float* a, int64_t n, double* d, double* e, float* w) {
+  tridiagonalize_generic(a, n, d, e, w);
+}
+void tridiagonalize_avx2(double* a, int64_t n, double* d, double* e, double* w) {
+  tridiagonalize_generic(a, n, d, e, w);
+}
+void tridiagonalize_avx512(float* a, int64_t n, double* d, double* e, float* w) {
+  tridiagonalize_generic(a, n, d, e, w);
+}
+void tridiagonalize_avx512(double* a, int64_t n, double* d, double* e, double* w) {
+  tridiagonalize_generic(a, n, d, e, w);
+}
+void bisect_avx2(const float* d, const float* e2, int64_t n, float lo, float hi, float pivmin, int steps,
+                 float* out) {
   bisect_generic(d, e2, n, lo, hi, pivmin, steps, out);
 }
-void bisect_avx512(const float* d, const float* e2, int64_t n, float lo, float hi, float pivmin, int steps, float* out) {
+void bisect_avx512(const float* d, const float* e2, int64_t n, float lo, float hi, float pivmin, int steps,
+                   float* out) {
   bisect_generic(d, e2, n, lo, hi, pivmin, steps, out);
 }
 #endif

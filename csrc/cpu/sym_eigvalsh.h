@@ -27,9 +27,12 @@ void tridiagonalize_avx512(double* a, int64_t n, double* d, double* e, double* w
 
 // Eigenvalues of the float32 symmetric tridiagonal (d[n], e2[n−1] = squared
 // off-diagonal) by bisection, `steps` halvings of [lo, hi]: out[i] the i-th smallest.
-void bisect_generic(const float* d, const float* e2, int64_t n, float lo, float hi, float pivmin, int steps, float* out);
-void bisect_avx2(const float* d, const float* e2, int64_t n, float lo, float hi, float pivmin, int steps, float* out);
-void bisect_avx512(const float* d, const float* e2, int64_t n, float lo, float hi, float pivmin, int steps, float* out);
+void bisect_generic(const float* d, const float* e2, int64_t n, float lo, float hi, float pivmin, int steps,
+                    float* out);
+void bisect_avx2(const float* d, const float* e2, int64_t n, float lo, float hi, float pivmin, int steps,
+                 float* out);
+void bisect_avx512(const float* d, const float* e2, int64_t n, float lo, float hi, float pivmin, int steps,
+                   float* out);
 
 }  // namespace eig
 }  // namespace cpu
