@@ -14,6 +14,7 @@
 #include "cpu/lowrank_attention.h"
 #include "cpu/lowrank_quant.h"
 #include "cpu/rsvd.h"
+#include "cpu/sym_eigvalsh.h"
 
 TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
   // y [M, N] = x·deq(qweight)ᵀ + (x·L_downᵀ)·L_upᵀ + bias; see csrc/cpu/lowrank_quant.cpp.
@@ -65,6 +66,9 @@ TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
   m.def(
       "_cpp_rsvd(Tensor A, int rank, int width, int n_iter, int seed, ScalarType sketch_dtype, int isa=-1) "
       "-> (Tensor, Tensor, Tensor, int)");
+  // Eigenvalues [B, n] ascending of symmetric G [B, n, n] (float32/float64, lower
+  // triangle read), one matrix per thread; see csrc/cpu/sym_eigvalsh.cpp. isa as above.
+  m.def("_cpp_sym_eigvalsh(Tensor G, int isa=-1) -> Tensor");
 }
 
 // A module with no Python functions: importing it is what loads the library.

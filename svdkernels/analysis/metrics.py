@@ -4,7 +4,8 @@ Every function takes ``[..., m, n]`` matrices (or ``[..., p]`` spectra) in
 float32, float16 or bfloat16 (float64 too: the tests' exact oracle), works in
 float32/float64 internally and returns one value per matrix of the batch.
 
-- :func:`singular_values`: all singular values, exactly, one batched call;
+- :func:`singular_values`: all singular values, exactly (or to a requested
+  ``rtol`` at float32 cost), one batched call;
 - :func:`effective_rank` (Roy & Vetterli 2007), :func:`stable_rank`;
 - :func:`nuclear_norm` exact, or its L1,2 surrogate (:func:`l12_norm`, Li et al.
   2024, "Large Language Model Evaluation via Matrix Nuclear-Norm");
@@ -59,23 +60,41 @@ def _check_spectrum(S: torch.Tensor, name: str = "S") -> None:
         raise ValueError(f"{name}: expected non-negative singular values, got a negative entry")
 
 
-def singular_values(A: torch.Tensor, *, k: Optional[int] = None) -> torch.Tensor:
+def singular_values(A: torch.Tensor, *, k: Optional[int] = None, rtol: Optional[float] = None) -> torch.Tensor:
     """All (or the top ``k``) singular values of every matrix of a batch, descending.
 
-    One batched call: the eigenvalues of the float64 Gram matrix of the smaller
-    side (``AᵀA`` or ``AAᵀ``), ``σ_i = sqrt(λ_i)``. No singular vectors are formed:
-    on one CPU thread ~1.6x cheaper than ``torch.linalg.svd(A, full_matrices=False)``
-    for 384×384 and ~3x for 1536×384 (the tridiagonal reduction is the floor). Accuracy: the absolute error of ``σ_i²`` is ~1e-16·σ_1² (float64), so
-    ``σ_i`` is exact to ~1e-6 relative down to ``σ_i ≈ 1e-5·σ_1``.
+    ``σ_i = sqrt(λ_i)``, ``λ_i`` the eigenvalues of the Gram matrix of the smaller
+    side (``AᵀA`` or ``AAᵀ``); no singular vectors are formed. The Gram's lower
+    triangle is formed block by block (its upper blocks are never computed) and its
+    eigenvalues come from :func:`svdkernels.ops.sym_eigvalsh` (one matrix per CPU
+    thread; ``torch.linalg.eigvalsh`` off the CPU or without the C++ extension).
+
+    Accuracy, by ``rtol``:
+
+    - ``None`` (default): float64 Gram and eigenvalues. The absolute error of ``σ_i²``
+      is ~1e-16·σ_1², so ``σ_i`` is exact to ~1e-6 relative down to ``σ_i ≈ 1e-5·σ_1``.
+    - a number in ``[1e-6, 1)``: every returned value within ``rtol`` relative, at
+      float32 cost where that suffices. Float32 Gram and eigenvalues first; with
+      ``p = min(m, n)``, ``q = max(m, n)`` and ``u = 2⁻²⁴``, the standard rounding
+      model bounds their error by ``|λ̂_i − λ_i| ≤ δ = (p + sqrt(q))·u·λ̂_1`` (the Gram's
+      sums, ~sqrt(q)·u, and the backward-stable eigensolver, ~p·u; MiniLM's weights
+      and random matrices stay ≥ 10x inside it), hence
+      ``|σ̂_i − σ_i| / σ_i ≤ δ / (σ_lo·(σ̂_i + σ_lo))``, ``σ_lo = sqrt(max(λ̂_i − δ, 0))``.
+      The matrices where that exceeds ``rtol`` for a returned value are recomputed
+      in float64 (the default route). Float32 alone reaches ``rtol`` for values
+      above ``σ_1·sqrt(δ/λ̂_1/rtol)`` (≈ 0.15·σ_1 at ``rtol = 1e-3`` for 384 columns):
+      ask for the top ``k`` to keep ill-conditioned matrices (a long small tail) on
+      the float32 route.
 
     Args:
         A: ``[..., m, n]`` floating tensor.
         k: keep the ``k`` largest values (``1 <= k <= min(m, n)``); all by default.
+        rtol: ``None`` or the relative accuracy wanted of every returned value (above).
 
     Returns:
         ``[..., min(m, n)]`` (or ``[..., k]``) float32, descending.
     """
-    check_matrix(A, "A", finite=False)
+    check_matrix(A, "A")
     m, n = A.shape[-2:]
     p = min(m, n)
     if k is not None:
@@ -83,11 +102,65 @@ def singular_values(A: torch.Tensor, *, k: Optional[int] = None) -> torch.Tensor
             raise TypeError(f"k: expected an int or None, got {type(k).__name__}")
         if not 1 <= k <= p:
             raise ValueError(f"k: expected 1 <= k <= min(m, n) = {p}, got {k}")
-    A64 = A.double()
-    G = A64.mT @ A64 if m >= n else A64 @ A64.mT
-    lam = torch.linalg.eigvalsh(G).flip(-1)  # ascending → descending
-    S = lam.clamp_min(0).sqrt().float()
+    if rtol is not None:
+        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)):
+            raise TypeError(f"rtol: expected a float or None, got {type(rtol).__name__}")
+        if not 1e-6 <= rtol < 1:
+            raise ValueError(f"rtol: expected a number in [1e-6, 1) (1e-6: the float64 route's accuracy), got {rtol!r}")
+        S = _gram_singular_values(A, torch.float32)
+        bad = _float32_bound(S, m, n, k) > rtol  # [...] matrices float32 does not certify
+        if bool(bad.any()):
+            S[bad] = _gram_singular_values(A[bad], torch.float64)
+    else:
+        S = _gram_singular_values(A, torch.float64)
     return S[..., :k] if k is not None else S
+
+
+# Column blocks of the Gram's lower triangle: 4 blocks compute 10/16 of the product.
+_GRAM_BLOCKS = 4
+
+
+def gram_lower(A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The Gram matrix of the smaller side of ``A`` ``[..., m, n]`` in ``dtype``,
+    ``[..., p, p]`` (``p = min(m, n)``), lower triangle only: the blocks above the
+    diagonal are zero and never computed (symmetric eigensolvers read one triangle).
+    The whole Gram when ``A`` needs a gradient.
+    """
+    X = A.to(dtype)
+    if X.shape[-2] < X.shape[-1]:
+        X = X.mT  # AAᵀ = (Aᵀ)ᵀ(Aᵀ): a view; matmul takes the strides
+    if X.requires_grad and torch.is_grad_enabled():
+        # Autograd of eigvalsh takes the matrix as symmetric: give it the whole Gram.
+        return X.mT @ X
+    p = X.shape[-1]
+    G = X.new_zeros(*X.shape[:-2], p, p)
+    cuts = [p * i // _GRAM_BLOCKS for i in range(_GRAM_BLOCKS + 1)] if p >= 64 * _GRAM_BLOCKS else [0, p]
+    for i in range(len(cuts) - 1):
+        rows = slice(cuts[i], cuts[i + 1])
+        Xi = X[..., rows].mT
+        # The block row left of and on the diagonal, in one product.
+        G[..., rows, : cuts[i + 1]] = Xi @ X[..., : cuts[i + 1]]
+    return G
+
+
+def _gram_singular_values(A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """All singular values, descending, float32, from the ``dtype`` Gram's eigenvalues."""
+    from svdkernels.ops.sym_eigvalsh import sym_eigvalsh
+
+    lam = sym_eigvalsh(gram_lower(A, dtype)).flip(-1)  # ascending → descending
+    return lam.clamp_min(0).sqrt().float()
+
+
+def _float32_bound(S: torch.Tensor, m: int, n: int, k: Optional[int]) -> torch.Tensor:
+    """``[...]``: the largest relative error bound (see :func:`singular_values`) of the
+    returned values (the top ``k``; all when ``None``) of float32-route spectra ``S``."""
+    u = 2.0 ** -24
+    lam = S.double().pow(2)[..., :k] if k is not None else S.double().pow(2)
+    delta = (min(m, n) + max(m, n) ** 0.5) * u * lam[..., :1]
+    lo = (lam - delta).clamp_min(0).sqrt()
+    bound = delta / (lo * (lam.sqrt() + lo))
+    # λ̂_i ≤ δ: no lower bound on σ_i, so no relative bound (inf, also for 0/0).
+    return torch.where(lo > 0, bound, torch.full_like(bound, float("inf"))).amax(-1)
 
 
 def effective_rank(S: torch.Tensor) -> torch.Tensor:

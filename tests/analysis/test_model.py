@@ -82,6 +82,14 @@ def test_spectra_match_per_layer_svd_one_call_per_shape(kind: str, monkeypatch) 
                                    rtol=1e-5, atol=1e-6)
     top = spectra(model, k=3)
     assert all(v.shape == (3,) for v in top.values())
+    calls.clear()
+    fast = spectra(model, k=3, rtol=1e-3)  # rtol reaches each batched call
+    assert len(calls) == len(shapes)
+    for name, m in linears.items():
+        want = torch.linalg.svdvals(m.weight.detach().double())[:3]
+        assert float(((fast[name].double() - want).abs() / want).max()) <= 1e-3
+    with pytest.raises(ValueError, match=r"rtol: expected a number in \[1e-6, 1\)"):
+        spectra(model, rtol=0.0)
 
 
 def test_model_intruders_zero_against_itself_and_counts_a_planted_update() -> None:
