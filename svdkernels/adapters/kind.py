@@ -321,6 +321,10 @@ def _check_tensors(path: str | os.PathLike, name: str, info: dict, t: dict[str, 
             raise FormatError(path, f"tensor '{name}.{part}': expected finite values, got NaN or inf")
     if not bool(t["tailor_gate"].any(1).all()):
         raise FormatError(path, f"tensor '{name}.tailor_gate': expected every class to own a tailor component")
+    if c > tr or not torch.equal(t["tailor_gate"], class_gate(c, tr)):
+        # kind_adapt's gate is fixed by (classes, tailors): component j belongs to class j mod classes alone
+        raise FormatError(path, f"tensor '{name}.tailor_gate': expected class_gate({c}, {tr}) (component j owned "
+                                f"by class j mod {c} alone, classes <= tailors), got another gate")
 
 
 def load_kind(model: nn.Module, path: str | os.PathLike) -> nn.Module:

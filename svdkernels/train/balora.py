@@ -136,6 +136,11 @@ def balora_loss(logits: Tensor, base_logits: Tensor, *, consistency: float = 1.0
     weights = {n: check_finite_number(n, v, low=0.0) for n, v in
                (("consistency", consistency), ("diversity", diversity), ("svd", svd))}
     logits = _check_logits("logits", logits)
+    top = torch.finfo(logits.dtype).max
+    for n, w in weights.items():
+        if w > top:  # the weight becomes inf in the logits' dtype, and inf·0 = NaN for a zero term
+            raise ValueError(f"{n}: expected a finite number <= {top:g} (representable in the logits' dtype "
+                             f"{logits.dtype}), got {w!r}")
     total = logits.new_zeros(())
     if weights["consistency"]:
         total = total + weights["consistency"] * consistency_loss(logits, base_logits)

@@ -40,3 +40,26 @@ def test_kind_linear_names_a_bad_x(x):
     ids = torch.tensor([0, 1, 0])
     assert_raises_naming(lambda: model[0](x, ids), ValueError, ["x", "[batch, ..., 6]"])
     assert model[0](torch.randn(3, 6), ids).shape == (3, 6)
+
+
+@pytest.mark.parametrize("gate", ["extra_class", "shared_component"])
+def test_load_kind_refuses_a_gate_kind_adapt_cannot_write(tmp_path, gate):
+    """A gate with a duplicated class row (3 classes on 2 tailors) or a component owned by
+    two classes loaded silently; kind_adapt's gate is class_gate(classes, tailors)."""
+    import copy
+
+    import svdkernels
+    from svdkernels.adapters import load_kind, save_kind
+    from svdkernels.testing.files import assert_rejected_file, rewrite_safetensors
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+    save_kind(svdkernels.adapt(copy.deepcopy(base), "kind", rank=2, tailor_rank=2, classes=2), tmp_path / "k.safetensors")
+
+    def edit(t):
+        g = t["0.tailor_gate"]
+        t["0.tailor_gate"] = torch.cat([g, g[:1]]) if gate == "extra_class" else torch.ones_like(g)
+
+    bad = rewrite_safetensors(tmp_path / "k.safetensors", tmp_path / "bad.safetensors", tensors=edit)
+    assert_rejected_file(load_kind, copy.deepcopy(base), bad, ["tailor_gate", "class_gate(", "2)"])
+    load_kind(copy.deepcopy(base), tmp_path / "k.safetensors")  # the intact file still loads

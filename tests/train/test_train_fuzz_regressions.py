@@ -216,3 +216,13 @@ def test_rank_decay_load_checks_the_schedule(tmp_path, field, value):
     save_file(state, str(path), metadata={**meta, "schedule": json.dumps(sched)})
     twin = RankDecay(nn.Sequential(nn.Linear(64, 4), nn.ReLU()), 4, 2)
     assert_raises_naming(lambda: twin.load(path), FormatError, ["malformed schedule", field])
+
+
+def test_balora_weight_beyond_the_logits_dtype_is_refused():
+    """consistency=1e300 with identical logits (KL = 0) returned NaN (inf·0 in float32)."""
+    logits = torch.randn(2, 1, 1)
+    assert_raises_naming(lambda: balora_loss(logits, logits, consistency=1e300, top_k=1), ValueError,
+                         ["consistency", "representable", "torch.float32", "1e+300"])
+    assert_raises_naming(lambda: balora_loss(logits.half(), logits.half(), svd=1e5, top_k=1), ValueError,
+                         ["svd", "float16"])
+    assert torch.isfinite(balora_loss(logits.double(), logits.double(), consistency=1e300, top_k=1))
