@@ -25,7 +25,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 
 BADS = ("rank", "oversample", "n_iter", "seed", "option", "dtype", "placement", "plain", "nan")
-N_CASES = 40  # every other case good; the bad kinds in turn
+N_CASES = 100  # every other case good; the bad kinds in turn
 
 
 def spec(i: int) -> dict:

@@ -83,7 +83,8 @@ def set_grads(draw, model: nn.Module, special: bool) -> bool:
 
 @st.composite
 def optimizer_case(draw):
-    bad = draw(st.sampled_from([None] * 12 + ["lr", "betas", "eps", "weight_decay", "rank", "update_gap", "scale",
+    # Half the cases good (a flag drawn first: hypothesis' own choice among 20 kinds is far from uniform).
+    bad = None if draw(st.booleans()) else draw(st.sampled_from(["lr", "betas", "eps", "weight_decay", "rank", "update_gap", "scale",
                                              "projector", "moments", "proj_bits", "side", "seed", "flag",
                                              "group_rank", "proj_type", "names", "bias_lowrank", "dtype",
                                              "group_option"]))
@@ -134,7 +135,7 @@ def optimizer_case(draw):
     return cls, model, groups, kw, bad
 
 
-@fuzz(40)
+@fuzz(60)
 @given(optimizer_case(), st.data())
 def test_lowrank_adamw(case, data):
     """Bad options and groups raise named errors; a built optimiser steps to finite weights
