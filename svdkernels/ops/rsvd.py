@@ -6,9 +6,11 @@ Tropp 2011; block Krylov of Musco & Musco 2015; dashSVD's accuracy control);
 backends differ only in how they compute the products with ``A``.
 
 Backends. Dense float32/float16/bfloat16 input with the default options runs the
-Triton passes on CUDA. Everything the Triton kernels do not cover runs the reference
-backend on any device (its products are cuBLAS/cuSPARSE calls on CUDA): float64,
-sparse COO/CSR input, ``center``, ``method="krylov"`` and ``tol``.
+Triton passes on CUDA, and on the CPU the C++ op ``_cpp_rsvd`` (``csrc/cpu/rsvd.cpp``,
+the reference's recipe in one dispatch) when ``svdkernels._C`` is built. Everything
+else runs the reference backend on any device (its products are cuBLAS/cuSPARSE
+calls on CUDA): float64, sparse COO/CSR input, ``center``, ``method="krylov"`` and
+``tol``.
 """
 from __future__ import annotations
 
@@ -283,7 +285,8 @@ def rsvd(
         an orthonormal completion instead.
 
     Backends: dense float32/16-bit input with ``center``, ``method`` and ``tol`` at
-    their defaults runs the Triton passes on CUDA; float64, complex, sparse, centred,
+    their defaults runs the Triton passes on CUDA and the C++ op on the CPU (when
+    ``svdkernels._C`` is built); float64, complex, sparse, centred,
     Krylov, dash and ``tol`` calls run the reference backend (torch products) on any device.
     A ``DTensor`` on a 1-D mesh (``Shard(-2)``, ``Shard(-1)`` or ``Replicate()``) runs
     :func:`svdkernels.ops.rsvd_sharded.rsvd_sharded`: local passes, one all-reduce of an
