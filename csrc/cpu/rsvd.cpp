@@ -188,7 +188,7 @@ enum Status : int64_t { kOk = 0, kNonFinite = 1, kIndefinite = 2 };
 
 // U, S, Vh of one matrix from its basis Qt [l, m] and projection P = Qᵀ·A [l, n]
 // (reference.rsvd._small_svd_by_gram): the eigendecomposition of P's float64 Gram,
-// U = Q·W, V = cholqr(Pᵀ·W·Σ⁻¹) with a float32 Gram, written as Vh [k, n].
+// U = Q·W, V = cholqr3(Pᵀ·W·Σ⁻¹), written as Vh [k, n].
 int64_t small_svd(const Kernels& K, const float* Qt, float* P, int64_t l, int64_t m, int64_t n, int64_t k, float* U,
                   float* S, float* Vh, Scratch& s) {
   const float amax = abs_max(P, l * n);
@@ -226,7 +226,10 @@ int64_t small_svd(const Kernels& K, const float* Qt, float* P, int64_t l, int64_
     }
   }
   K.gemm(s.T.data(), false, P, Vh, k, l, n);  // [k, n]
-  return orth(K, Vh, k, n, false, s) ? kOk : kIndefinite;
+  // Shifted CholeskyQR3, as reference.cholqr.cholqr3: one float32 pass cannot restore
+  // orthonormality where σ_k is rounding noise next to σ₁.
+  return orth(K, Vh, k, n, true, s) && orth(K, Vh, k, n, true, s) && orth(K, Vh, k, n, false, s) ? kOk
+                                                                                               : kIndefinite;
 }
 
 const Kernels& pick_kernels(int64_t isa) {
@@ -319,11 +322,13 @@ int64_t run(const Kernels& K, const Problem& pr, int64_t b0, int64_t b1) {
     if (st != kOk) return st;
     pass(it + 1 < n_iter ? A_s : A_p, Zt, false, Yt);
   }
-  // The final basis: CholeskyQR2 (float64 Gram, then float32), then the projection
-  // P = Qᵀ·A [l, n] in float32 and the small SVD.
+  // The final basis: shifted CholeskyQR3 (float64, float64, float32 Grams, as
+  // reference.cholqr.cholqr3), then the projection P = Qᵀ·A [l, n] in float32 and the
+  // small SVD.
   int64_t st = for_each_matrix(B, l, [&](int64_t b, Scratch& s) {
     float* Y = y + b * l * m;
-    return orth(K, Y, l, m, true, s) && orth(K, Y, l, m, false, s) ? kOk : kIndefinite;
+    return orth(K, Y, l, m, true, s) && orth(K, Y, l, m, true, s) && orth(K, Y, l, m, false, s) ? kOk
+                                                                                               : kIndefinite;
   });
   if (st != kOk) return st;
   pass(A_p, Yt, true, Zt);

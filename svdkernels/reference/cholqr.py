@@ -12,8 +12,8 @@ conditioning: with the Gram in working precision ``u`` it breaks down once
   instead, with the shift ``s`` of shifted CholeskyQR (Fukaya et al. 2020), chosen
   per matrix with ``torch.where`` so no branch depends on the data.
 
-A second pass on the (now well-conditioned) result restores orthonormality to
-working precision (CholeskyQR2).
+Further passes on the (now better-conditioned) result restore orthonormality to
+working precision (:func:`cholqr3`).
 
 Scale. ``Q`` does not depend on the scale of ``Y``, but its Gram does: a float32 Gram
 of entries around 1e-25 underflows to zero and one of entries around 1e19
@@ -87,11 +87,16 @@ def cholqr(Y: torch.Tensor, *, gram_dtype: torch.dtype = torch.float64) -> torch
     return Y @ R_inv.to(Y.dtype)
 
 
-def cholqr2(Y: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of ``Y``'s columns to working precision (CholeskyQR2).
+def cholqr3(Y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of ``Y``'s columns to working precision (shifted CholeskyQR3).
 
-    ``[B, m, l]`` float32 in and out. The first pass accumulates the Gram in float64
-    so ``Y`` may be ill-conditioned; the second, on a nearly orthonormal matrix,
-    needs only float32.
+    ``[B, m, l]`` float32 in and out. Three passes, Grams in float64, float64, float32.
+    Where ``κ(Y)`` exceeds about ``u64^(-1/2)`` (a sketch dominated by one direction,
+    e.g. ``A`` with one entry 1e15 times the rest) the first pass needs the shift and
+    leaves ``κ(Q₁)`` as large as ~1e4–1e6: a float32 Gram of that is noise, and its
+    "successful" Cholesky blew ``Q`` up (columns of norm 1e4, σ₁ a thousand times too
+    large). The second float64 pass brings ``κ`` to ~1, the third restores float32
+    orthonormality (Fukaya et al. 2020, shifted CholeskyQR3). The extra pass is a thin
+    ``m×l×l`` product, next to nothing beside the passes over ``A``.
     """
-    return cholqr(cholqr(Y, gram_dtype=torch.float64), gram_dtype=torch.float32)
+    return cholqr(cholqr(cholqr(Y, gram_dtype=torch.float64), gram_dtype=torch.float64), gram_dtype=torch.float32)

@@ -29,7 +29,7 @@ accumulation; the projection splits ``Q = Q_hi + Q_lo`` into two 16-bit halves s
 ``Aᵀ·Q`` keeps about 16 bits more than one 16-bit product would.
 
 Orthonormalisation is Cholesky QR (``svdkernels.reference.cholqr``): one pass
-between passes, CholeskyQR2 (float64 then float32 Gram) for the final basis.
+between passes, shifted CholeskyQR3 (float64, float64, float32 Grams) for the final basis.
 
 Beyond that plan (all in this driver, so every backend gets them):
 
@@ -76,7 +76,7 @@ from typing import Any, Optional, Protocol
 
 import torch
 
-from svdkernels.reference.cholqr import cholqr, cholqr2, unit_scale
+from svdkernels.reference.cholqr import cholqr, cholqr3, unit_scale
 
 
 class Passes(Protocol):
@@ -507,7 +507,7 @@ def rsvd(
         exact_basis = spec is plan[2 * n_iter] and spec.dtype != torch.float32
         return cholqr(Y, gram_dtype=torch.float64 if exact_basis else torch.float32)
 
-    orth_final: Callable[[torch.Tensor], torch.Tensor] = _householder if householder else cholqr2
+    orth_final: Callable[[torch.Tensor], torch.Tensor] = _householder if householder else cholqr3
 
     # Range finder: the sketch, then power passes AᵀQ and A·Z alternately.
     Y = passes.sketch(operands[plan[0].dtype], width, seed, plan[0].dtype)
@@ -567,12 +567,14 @@ def _small_svd_by_gram(Q: torch.Tensor, Bt: torch.Tensor, rank: int) -> tuple[to
     W = W.flip(-1)[..., :rank]
     Ss = lam.flip(-1)[..., :rank].clamp_min(0).sqrt()
     U = Q @ W.float()
-    # V = Bᵀ·W·Σ⁻¹ in float32 is orthonormal only to u·σ₁/σ_k; one float32 Cholesky
-    # QR pass on this nearly orthonormal matrix restores it (cheaper on the CPU than
-    # the product in float64). Exactly zero σ (rank-deficient A) would divide by
-    # zero: those columns are left zero.
+    # V = Bᵀ·W·Σ⁻¹ in float32 is orthonormal only to u·σ₁/σ_k, which is no
+    # orthonormality at all once σ_k is rounding noise (A dominated by one direction:
+    # rows of Vh of norm ~100 came out of one float32 pass). Shifted CholeskyQR3 on this
+    # thin n×k matrix restores it whatever σ₁/σ_k (cheaper on the CPU than the product
+    # in float64). Exactly zero σ (rank-deficient A) would divide by zero: those
+    # columns are left zero.
     inv = torch.where(Ss > 0, Ss.reciprocal(), torch.zeros_like(Ss))
-    V = cholqr(Bs @ (W * inv.unsqueeze(-2)).float(), gram_dtype=torch.float32)
+    V = cholqr3(Bs @ (W * inv.unsqueeze(-2)).float())
     S = (Ss / c.flatten(1).double()).float()
     return U, S, V
 

@@ -445,3 +445,16 @@ def test_opcheck_new_arguments():
     torch.library.opcheck(op, (A.double(), 4, 10, 2, 3, None))
     torch.library.opcheck(op, (A, 4, 6, 1, 3, None, "columns", "krylov", None))
     torch.library.opcheck(op, (A, 4, 6, 3, 3, None, None, "hmt", 1e-2))
+
+
+@pytest.mark.parametrize("mag", [1e15, 1e20, 1e30])
+def test_one_dominant_entry_gives_the_right_top_singular_value(mag):
+    """``A`` with one entry ``mag`` times the rest: the final basis used to come out of a
+    float32 CholeskyQR pass with columns of norm ~1e4, and σ₁ 300–2000 times too large
+    (on the reference and the C++ backend alike). Shifted CholeskyQR3 keeps it exact."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(64, 48, generator=g)
+    A[3, 5] = mag
+    U, S, Vh = svdkernels.rsvd(A, 4, seed=0)
+    assert abs(float(S[0]) / mag - 1) < 1e-5, float(S[0])
+    assert float(U.norm(dim=0).max()) < 1 + 1e-5 and float(Vh.norm(dim=1).max()) < 1 + 1e-5
