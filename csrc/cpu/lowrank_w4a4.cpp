@@ -53,7 +53,9 @@ constexpr int64_t kRowBlock = 16;  // rows per parallel work item
 constexpr float kUnsignedShift = 0.171875f;  // svdkernels.formats.int4.UNSIGNED_SHIFT
 
 // ---------------------------------------------------------------------------
-// Activation quantiser (scalar IEEE operations: identical on every path)
+// Activation quantiser: the same IEEE operations, element by element, on every
+// path (AVX2 does them 8 lanes at a time; max and division are exact operations,
+// so xq and xscale are bit-identical)
 
 // One token: x32 [K] float32, smooth [K] float32 -> xq [K/2], xscale [K/64].
 void quantize_token(const float* x32, const float* smooth, bool is_unsigned, int64_t K, uint8_t* xq, float* xscale) {
@@ -92,6 +94,69 @@ void quantize_token(const float* x32, const float* smooth, bool is_unsigned, int
       xq[(g * kGroup + j) / 2] = static_cast<uint8_t>((q[0] & 15) | ((q[1] & 15) << 4));
     }
   }
+}
+
+#if SVDK_X86
+// quantize_token, 8 lanes at a time. The scalar code's NaN handling carries over
+// lane by lane: max(0, t) keeps a NaN t (vmaxps returns its second operand when
+// either is NaN), max(a, amax) ignores a NaN a, and a NaN rounded value gives 0.
+SVDK_AVX2 void quantize_token_avx2(const float* x32, const float* smooth, bool is_unsigned, int64_t K, uint8_t* xq,
+                                   float* xscale) {
+  const __m256 zero = _mm256_setzero_ps(), shift = _mm256_set1_ps(kUnsignedShift);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 magic = _mm256_set1_ps(12582912.f);  // 1.5·2^23: see quantize_token
+  const __m256 qmin = _mm256_set1_ps(is_unsigned ? 0.f : -8.f), qmax = _mm256_set1_ps(is_unsigned ? 15.f : 7.f);
+  alignas(32) int32_t q[kGroup];
+  for (int64_t g = 0; g < K / kGroup; ++g) {
+    __m256 v[8];
+    __m256 amax = zero, nan = zero;
+    SVDK_UNROLL for (int i = 0; i < 8; ++i) {
+      const int64_t k = g * kGroup + 8 * i;
+      __m256 t = _mm256_loadu_ps(x32 + k);
+      if (is_unsigned) t = _mm256_add_ps(t, shift);
+      t = _mm256_div_ps(t, _mm256_loadu_ps(smooth + k));
+      if (is_unsigned) t = _mm256_max_ps(zero, t);
+      v[i] = t;
+      const __m256 a = is_unsigned ? t : _mm256_and_ps(t, absmask);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+      amax = _mm256_max_ps(a, amax);
+    }
+    // Lanes hold +0 or more, never NaN: their maximum is order-free.
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float s = _mm256_movemask_ps(nan) ? std::numeric_limits<float>::quiet_NaN()
+                                             : _mm_cvtss_f32(m4) / (is_unsigned ? 15.f : 7.f);
+    xscale[g] = s;
+    if (s > 0.f) {
+      const __m256 sv = _mm256_set1_ps(s);
+      SVDK_UNROLL for (int i = 0; i < 8; ++i) {
+        const __m256 r = _mm256_sub_ps(_mm256_add_ps(_mm256_div_ps(v[i], sv), magic), magic);
+        const __m256 c = _mm256_min_ps(_mm256_max_ps(r, qmin), qmax);
+        const __m256 ok = _mm256_cmp_ps(r, r, _CMP_ORD_Q);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q + 8 * i), _mm256_cvttps_epi32(_mm256_and_ps(c, ok)));
+      }
+    } else {
+      std::fill_n(q, kGroup, 0);
+    }
+    for (int64_t j = 0; j < kGroup; j += 2) {
+      xq[(g * kGroup + j) / 2] = static_cast<uint8_t>((q[j] & 15) | ((q[j + 1] & 15) << 4));
+    }
+  }
+}
+#endif  // SVDK_X86
+
+// Every smoothing factor finite and > 0, as the Python op's check_smooth_values
+// (here, the eager call pays no reduction and host syncs of its own for it).
+void check_smooth(const float* s, int64_t K) {
+  int64_t bad = 0, first = -1;
+  for (int64_t k = 0; k < K; ++k) {
+    if (!(s[k] > 0.f && s[k] < std::numeric_limits<float>::infinity())) {  // a NaN fails too
+      if (bad++ == 0) first = k;
+    }
+  }
+  TORCH_CHECK_VALUE(bad == 0, "smooth: expected finite factors > 0, got ", bad > 0 ? s[first] : 0.f, " at index ",
+                    first, " (", bad, " of ", K, " bad)");
 }
 
 template <typename T>
@@ -336,6 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_quantize_act(
   const int64_t M = x.size(0), K = x.size(1), R = L_down.size(0);
   const at::Tensor x32 = x.to(at::kFloat).contiguous();
   const at::Tensor s32 = smooth.to(at::kFloat).contiguous();
+  check_smooth(s32.data_ptr<float>(), K);
   at::Tensor xq = at::empty({M, K / 2}, x.options().dtype(at::kByte));
   at::Tensor xscale = at::empty({M, K / kGroup}, x.options().dtype(at::kFloat));
   at::Tensor la = at::empty({M, R}, x.options().dtype(at::kFloat));
@@ -345,7 +411,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_quantize_act(
   uint8_t* qp = xq.data_ptr<uint8_t>();
   float* scp = xscale.data_ptr<float>();
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t mb, int64_t me) {
-    for (int64_t m = mb; m < me; ++m) quantize_token(xp + m * K, sp, is_unsigned, K, qp + m * (K / 2), scp + m * (K / kGroup));
+    for (int64_t m = mb; m < me; ++m) {
+#if SVDK_X86
+      if (isa >= kIsaAvx2) {
+        quantize_token_avx2(xp + m * K, sp, is_unsigned, K, qp + m * (K / 2), scp + m * (K / kGroup));
+        continue;
+      }
+#endif
+      quantize_token(xp + m * K, sp, is_unsigned, K, qp + m * (K / 2), scp + m * (K / kGroup));
+    }
   });
   if (R > 0) {
     float* lp = la.data_ptr<float>();
