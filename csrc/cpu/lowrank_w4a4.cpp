@@ -227,16 +227,22 @@ SVDK_AVX2 inline __m256i reduce8_epi16(const __m256i* v) {
 
 // Scratch of one 8-row tile (see tile8_avx2), in floats/bytes.
 struct Tile8 {
-  std::vector<uint8_t> w;  // [G][8 rows][64]: per group and row, qw+8 of the 32 even k, then of the 32 odd k
-  std::vector<float> ws;   // [G][8]: the rows' scales in float32 (0 past N)
-  std::vector<float> lu;   // [R][8]: L_up transposed (0 past N)
-  std::vector<float> b;    // [8]: bias (0 past N)
-  Tile8(int64_t G, int64_t R) : w(G * 8 * kGroup), ws(G * 8), lu(R * 8), b(8) {}
+  std::vector<uint8_t> w;     // [G][8 rows][64]: per group and row, qw+8 of the 32 even k, then of the 32 odd k
+  std::vector<float> ws;      // [G][8]: the rows' scales in float32 (0 past N)
+  std::vector<float> lu;      // [R][8]: L_up transposed (0 past N)
+  std::vector<float> b;       // [8]: bias (0 past N)
+  std::vector<uint8_t> zero;  // [K/2]: a row of zero weights (the rows past N)
+  Tile8(int64_t G, int64_t R, int64_t K) : w(G * 8 * kGroup), ws(G * 8), lu(R * 8), b(8), zero(K / 2) {}
 };
 
-// Rows n0 .. n0+7 (those below N) x every token. The tile's weights are unpacked
-// once into bytes (qw+8, the layout vpmaddubsw reads), so the token loop streams
-// L1-resident bytes; each group's 8 rows' integer sums come out of one reduce8 as a
+// Tokens per call below which tile8_avx2 unpacks the weights in the token loop
+// instead of once into the tile's scratch (at 1 token the scratch's store and
+// reload cost more than they save).
+constexpr int64_t kUnpackOnceTokens = 3;
+
+// Rows n0 .. n0+7 (those below N) x every token. From kUnpackOnceTokens tokens the
+// tile's weights are unpacked once into bytes (qw+8, the layout vpmaddubsw reads),
+// so the token loop streams L1-resident bytes (fewer tokens unpack in the loop); each group's 8 rows' integer sums come out of one reduce8 as a
 // vector over the rows, and the float32 epilogue runs 8 rows per instruction:
 //   y[rows] = Σ_g sum_g·(xscale·scale_g)   (group by group: the reference's sequence)
 //           + Σ_j la[m, j]·L_up[rows, j]   (4 interleaved chains, then (c0+c1)+(c2+c3))
@@ -247,19 +253,19 @@ template <typename T>
 SVDK_AVX2 void tile8_avx2(const GemmArgs<T>& a, int64_t n0, Tile8& s) {
   const __m256i low4 = _mm256_set1_epi8(15), flip = _mm256_set1_epi8(static_cast<char>(0x88));
   const int64_t G = a.G, R = a.R, rows = std::min<int64_t>(8, a.N - n0);
+  const bool once = a.M >= kUnpackOnceTokens;
+  const uint8_t* qrow[8];  // the rows' packed weights (the zero row past N)
+  for (int64_t r = 0; r < 8; ++r) qrow[r] = r < rows ? a.qw + (n0 + r) * (a.K / 2) : s.zero.data();
   for (int64_t r = 0; r < 8; ++r) {
     const int64_t n = n0 + r;
     for (int64_t g = 0; g < G; ++g) {
-      uint8_t* dst = s.w.data() + (g * 8 + r) * kGroup;
-      if (r < rows) {
-        const __m256i b = _mm256_xor_si256(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qw + n * (a.K / 2) + g * (kGroup / 2))), flip);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_and_si256(b, low4));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32), _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
-      } else {
-        std::fill_n(dst, kGroup, uint8_t{8});  // the weight 0
-      }
       s.ws[g * 8 + r] = r < rows ? to_float(a.scales[n * G + g]) : 0.f;
+      if (!once) continue;  // unpacked in the token loop
+      const __m256i bytes = _mm256_xor_si256(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow[r] + g * (kGroup / 2))), flip);
+      uint8_t* dst = s.w.data() + (g * 8 + r) * kGroup;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_and_si256(bytes, low4));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4));
     }
     for (int64_t j = 0; j < R; ++j) s.lu[j * 8 + r] = r < rows ? to_float(a.L_up[n * R + j]) : 0.f;
     s.b[r] = r < rows && a.bias ? to_float(a.bias[n]) : 0.f;
@@ -274,8 +280,16 @@ SVDK_AVX2 void tile8_avx2(const GemmArgs<T>& a, int64_t n0, Tile8& s) {
       const uint8_t* w = s.w.data() + g * 8 * kGroup;
       __m256i part[8];
       SVDK_UNROLL for (int r = 0; r < 8; ++r) {
-        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * kGroup));
-        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * kGroup + kGroup / 2));
+        __m256i lo, hi;
+        if (once) {
+          lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * kGroup));
+          hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * kGroup + kGroup / 2));
+        } else {
+          const __m256i b = _mm256_xor_si256(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow[r] + g * (kGroup / 2))), flip);
+          lo = _mm256_and_si256(b, low4);
+          hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+        }
         part[r] = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
       }
       const __m256i sums = _mm256_sub_epi32(reduce8_epi16(part), _mm256_set1_epi32(a.xcorr[m * a.G8 + g]));
@@ -313,7 +327,7 @@ void run_gemm(int64_t isa, const GemmArgs<T>& a) {
     const int64_t n_end = std::min(a.N, be * kRowBlock);
 #if SVDK_X86
     if (isa >= kIsaAvx2) {
-      Tile8 scratch(a.G, a.R);
+      Tile8 scratch(a.G, a.R, a.K);
       for (int64_t n0 = bb * kRowBlock; n0 < n_end; n0 += 8) tile8_avx2(a, n0, scratch);
       return;
     }
