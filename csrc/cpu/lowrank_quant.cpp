@@ -8,11 +8,11 @@
 // nibbles; scales [N, K/64] in the activation dtype; dequantised w = q·s).
 //
 // One call:
-//  1. x is converted to float32 once and, for the SIMD kernels, de-interleaved per
-//     chunk of 2·V values (V = vector lanes) into [even k | odd k], so that the low
-//     and high nibbles of V consecutive weight bytes meet their x values in two
-//     plain vector loads (the AVX512-BF16 kernel keeps bfloat16 x, de-interleaved
-//     per group of 64);
+//  1. x is converted to float32 once and, for the SIMD kernels, reordered so that
+//     the weights as unpacked meet their x values in plain vector loads: AVX-512
+//     de-interleaves per chunk of 32 values into [even k | odd k], AVX2 transposes
+//     each group of 64 as 8x8 (see permute_avx2); the AVX512-BF16 kernel keeps
+//     bfloat16 x, de-interleaved per group of 64;
 //  2. the down projection u [M, r] = x·L_downᵀ (float32), parallel over r;
 //  3. the main loop, parallel over blocks of output rows: each thread streams its
 //     rows' packed bytes once (software-prefetched), unpacks them in registers and
@@ -25,9 +25,10 @@
 //       (vpermw) a table of bfloat16 [0..7, -8..-1]; vdpbf16ps multiplies the 64
 //       integer weights with x exactly and sums in float32; the group's sum is
 //       then scaled once;
-//     - AVX2: 32 bytes (a group) xor-ed with 0x88 and split into nibbles are
-//       unpacked (vpunpck*bw/wd with 0 and 0x4B00) into the floats 2^23 + (u ^ 8),
-//       minus 2^23 + 8 the exact integer weights; each group's sum is scaled once;
+//     - AVX2: a group's 32 bytes as eight 32-bit lanes, each nibble shifted to the
+//       top of its lane and converted (vcvtdq2ps) to the exact float q·2^28, against
+//       x transposed per group and pre-scaled by 2^-28; each group's sum is scaled
+//       once;
 //     - portable C++: a scalar loop (any CPU, e.g. aarch64).
 //
 // Determinism: on a given instruction set, every output element is the same
@@ -360,49 +361,41 @@ SVDK_AVX512BF16 void rows_avx512bf16(const Args<c10::BFloat16>& a, int64_t n_beg
 // ---------------------------------------------------------------------------
 // AVX2 + FMA (+ F16C for float16): 8 lanes, chunks of 8 bytes = 16 weights.
 
-// x of a group of 64 in the order the AVX2 unpack below yields the weights:
-// position h·32 + v·8 + l holds k = 2·byte + h, byte = 4v + l (l < 4) or
-// 16 + 4v + (l − 4) (l >= 4); h = 0 for the low nibbles, 1 for the high ones.
-inline int64_t avx2_group_k(int64_t i) {
-  const int64_t h = i / 32, v = (i % 32) / 8, l = i % 8;
-  const int64_t byte = l < 4 ? 4 * v + l : 16 + 4 * v + (l - 4);
-  return 2 * byte + h;
-}
+// The AVX2 unpack reads a group's 32 bytes as eight 32-bit lanes: lane i holds
+// bytes 4i..4i+3, i.e. the nibbles of k = 8i + j, j = 0..7 (nibble j at bits
+// 4j..4j+3). Shifting every lane left by 28 − 4j puts nibble j on top, where its
+// two's-complement sign is the lane's sign: masked with 0xF0000000 and converted
+// (vcvtdq2ps, exact) it is the float q·2^28, with no byte shuffle (shuffles and
+// shifts share two pipes on Zen; this leaves one shift per 8 weights). x of each
+// group is stored transposed to match (position 8j + i holds k = 8i + j) and
+// times 2^-28, so each product is exactly q·x: a power-of-two factor changes no
+// rounding while x·2^-28 is a normal float, |x| ≥ 2^-98 ≈ 3.2e-30; below that (or
+// for subnormal x) products lose low bits, an absolute error under 2^-121·|q·s|.
+constexpr float kNibbleTop = 1.0f / 268435456.0f;  // 2^-28
 
 void permute_avx2(const float* x, float* xp, int64_t M, int64_t K) {
-  int64_t k_of[kGroup];
-  for (int64_t i = 0; i < kGroup; ++i) k_of[i] = avx2_group_k(i);
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t mb, int64_t me) {
     for (int64_t m = mb; m < me; ++m) {
       for (int64_t g = 0; g < K; g += kGroup) {
-        for (int64_t i = 0; i < kGroup; ++i) xp[m * K + g + i] = x[m * K + g + k_of[i]];
+        const float* src = x + m * K + g;
+        float* dst = xp + m * K + g;
+        for (int64_t j = 0; j < 8; ++j) {
+          for (int64_t i = 0; i < 8; ++i) dst[8 * j + i] = src[8 * i + j] * kNibbleTop;
+        }
       }
     }
   });
 }
 
-// The 32 weights of one nibble half of a group (32 bytes, already xor-ed with
-// 0x88 and masked to the nibble: u ^ 8 in 0..15) as exact floats in four vectors:
-// byte unpacks with 0 and then with 0x4B00 build the float 2^23 + (u ^ 8) in each
-// 32-bit lane (no int->float conversion); subtracting 2^23 + 8 leaves u - 16·[u >= 8].
-SVDK_AVX2 inline void unpack_half_avx2(__m256i nib, __m256 f[4]) {
-  const __m256i zero = _mm256_setzero_si256(), exp = _mm256_set1_epi16(0x4B00);
-  const __m256 offset = _mm256_set1_ps(8388616.0f);
-  const __m256i a = _mm256_unpacklo_epi8(nib, zero), b = _mm256_unpackhi_epi8(nib, zero);
-  f[0] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(a, exp)), offset);
-  f[1] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(a, exp)), offset);
-  f[2] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(b, exp)), offset);
-  f[3] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(b, exp)), offset);
-}
-
 // RN row streams x TM tokens, whole K. Per group, each (row, token) sums the 64
-// integer weights times x in float32 (a fresh partial sum per group: independent
-// chains across groups), then adds partial·scale to its accumulator: one multiply
-// by the scale per group instead of one per 8 weights.
+// integer weights times x in float32 in two chains (nibbles j even / j odd: the
+// FMA latency, not the pipes, bounded one chain at 1 token), adds them, and then
+// adds partial·scale to its accumulator: one multiply by the scale per group. The
+// order is the same for every RN and TM, so results do not depend on the tiling.
 template <typename T, int RN, int TM>
 SVDK_AVX2 inline void tile_avx2(const Args<T>& a, int64_t n0, int64_t rs, int64_t m0) {
   const int64_t K = a.K, G = K / kGroup;
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x88)), low4 = _mm256_set1_epi8(15);
+  const __m256i top = _mm256_set1_epi32(static_cast<int>(0xF0000000u));
   __m256 acc[RN][TM];
   SVDK_UNROLL for (int r = 0; r < RN; ++r) {
     SVDK_UNROLL for (int t = 0; t < TM; ++t) acc[r][t] = _mm256_setzero_ps();
@@ -413,22 +406,20 @@ SVDK_AVX2 inline void tile_avx2(const Args<T>& a, int64_t n0, int64_t rs, int64_
   for (int64_t g = 0; g < G; ++g) {
     if ((g & 1) == 0) prefetch_rows<RN>(w + g * (kGroup / 2) + kPrefetch, rs * (K / 2));
     SVDK_UNROLL for (int r = 0; r < RN; ++r) {
-      const __m256i b = _mm256_xor_si256(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * rs * (K / 2) + g * (kGroup / 2))), flip);
-      __m256 part[TM];
-      SVDK_UNROLL for (int h = 0; h < 2; ++h) {
-        __m256 f[4];
-        unpack_half_avx2(_mm256_and_si256(h == 0 ? b : _mm256_srli_epi16(b, 4), low4), f);
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * rs * (K / 2) + g * (kGroup / 2)));
+      __m256 part[TM][2];
+      SVDK_UNROLL for (int j = 0; j < 8; ++j) {
+        const __m256i on_top = j == 7 ? b : _mm256_slli_epi32(b, 28 - 4 * j);
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_and_si256(on_top, top));  // q·2^28
         SVDK_UNROLL for (int t = 0; t < TM; ++t) {
-          const float* xg = x + t * K + g * kGroup + h * 32;
-          SVDK_UNROLL for (int v = 0; v < 4; ++v) {
-            part[t] = (h == 0 && v == 0) ? _mm256_mul_ps(f[0], _mm256_loadu_ps(xg))
-                                         : _mm256_fmadd_ps(f[v], _mm256_loadu_ps(xg + 8 * v), part[t]);
-          }
+          const __m256 xv = _mm256_loadu_ps(x + t * K + g * kGroup + 8 * j);
+          part[t][j & 1] = j < 2 ? _mm256_mul_ps(f, xv) : _mm256_fmadd_ps(f, xv, part[t][j & 1]);
         }
       }
       const __m256 sv = _mm256_set1_ps(to_float(s[r * rs * G + g]));
-      SVDK_UNROLL for (int t = 0; t < TM; ++t) acc[r][t] = _mm256_fmadd_ps(part[t], sv, acc[r][t]);
+      SVDK_UNROLL for (int t = 0; t < TM; ++t) {
+        acc[r][t] = _mm256_fmadd_ps(_mm256_add_ps(part[t][0], part[t][1]), sv, acc[r][t]);
+      }
     }
   }
   SVDK_UNROLL for (int r = 0; r < RN; ++r) {
@@ -442,27 +433,42 @@ SVDK_AVX2 inline void tile_avx2(const Args<T>& a, int64_t n0, int64_t rs, int64_
   }
 }
 
-template <typename T, int RN>
+template <typename T, int RN, int MaxTM>
 SVDK_AVX2 inline void tile_avx2_tm(const Args<T>& a, int64_t n0, int64_t rs, int64_t m0, int64_t tm) {
   switch (tm) {
-    case 1: return tile_avx2<T, RN, 1>(a, n0, rs, m0);
-    case 2: return tile_avx2<T, RN, 2>(a, n0, rs, m0);
-    case 3: return tile_avx2<T, RN, 3>(a, n0, rs, m0);
-    case 4: return tile_avx2<T, RN, 4>(a, n0, rs, m0);
-    default: TORCH_INTERNAL_ASSERT(false, "tile_avx2_tm: bad token count ", tm);
+#define SVDK_CASE(TM_) \
+  case TM_:            \
+    if constexpr (TM_ <= MaxTM) return tile_avx2<T, RN, TM_>(a, n0, rs, m0);
+    SVDK_CASE(1) SVDK_CASE(2) SVDK_CASE(3) SVDK_CASE(4)
+#undef SVDK_CASE
+    default:
+      TORCH_INTERNAL_ASSERT(false, "tile_avx2_tm: bad token count ", tm);
+  }
+}
+
+template <typename T, int RN, int MaxTM>
+SVDK_AVX2 void rows_avx2_rn(const Args<T>& a, int64_t n_begin, int64_t n_end) {
+  const int64_t q = (n_end - n_begin) / RN;  // see row_streams
+  for (int64_t i = 0; i < q; ++i) {
+    for (int64_t m0 = 0; m0 < a.M; m0 += MaxTM) {
+      tile_avx2_tm<T, RN, MaxTM>(a, n_begin + i, q, m0, std::min<int64_t>(MaxTM, a.M - m0));
+    }
+  }
+  for (int64_t n = n_begin + RN * q; n < n_end; ++n) {
+    for (int64_t m0 = 0; m0 < a.M; m0 += MaxTM) {
+      tile_avx2_tm<T, 1, MaxTM>(a, n, 1, m0, std::min<int64_t>(MaxTM, a.M - m0));
+    }
   }
 }
 
 template <typename T>
 SVDK_AVX2 void rows_avx2(const Args<T>& a, int64_t n_begin, int64_t n_end) {
-  // 2 row streams x up to 4 tokens: 8 accumulators of the 16 ymm registers.
-  constexpr int64_t TM = 4;
-  const int64_t q = (n_end - n_begin) / 2;  // see row_streams
-  for (int64_t i = 0; i < q; ++i) {
-    for (int64_t m0 = 0; m0 < a.M; m0 += TM) tile_avx2_tm<T, 2>(a, n_begin + i, q, m0, std::min<int64_t>(TM, a.M - m0));
-  }
-  for (int64_t n = n_begin + 2 * q; n < n_end; ++n) {
-    for (int64_t m0 = 0; m0 < a.M; m0 += TM) tile_avx2_tm<T, 1>(a, n, 1, m0, std::min<int64_t>(TM, a.M - m0));
+  // RN·TM accumulators and 2·RN·TM partial sums in the 16 ymm registers: 1-2
+  // tokens, 2 row streams; more, 1 row x 4 tokens (each unpack feeds 4 tokens).
+  if (a.M <= 2) {
+    rows_avx2_rn<T, 2, 2>(a, n_begin, n_end);
+  } else {
+    rows_avx2_rn<T, 1, 4>(a, n_begin, n_end);
   }
 }
 #endif  // SVDK_X86

@@ -19,11 +19,14 @@
 //
 // Paths (the `isa` argument, as lowrank_w4a16_linear's):
 //   - portable C++ (isa 0): scalar integer dot products;
-//   - AVX2 (isa >= 1): the weight's nibbles become unsigned bytes qw+8 (one xor with
-//     0x88 flips both sign bits) and meet the de-interleaved int8 activations in
-//     vpmaddubsw (u8·s8 pairs; |sum of 4 products| <= 900 never saturates int16),
-//     vpmaddwd sums to int32 lanes; 8 groups' lane vectors reduce together with
-//     vphaddd, and the offset is removed exactly: Σ(qw+8)·qx - 8·Σqx.
+//   - AVX2 (isa >= 1): tiles of 8 rows. The tile's weight nibbles become unsigned
+//     bytes qw+8 once (one xor with 0x88 flips both sign bits) and meet each token's
+//     de-interleaved int8 activations in vpmaddubsw (u8·s8 pairs; |sum of 4
+//     products| <= 900 never saturates int16); the 8 rows' lane vectors of a group
+//     reduce together in int16 with vphaddw (a group sum fits int16), the offset is
+//     removed exactly (Σ(qw+8)·qx - 8·Σqx), and the float32 epilogue runs on the 8
+//     rows at once (on MiniLM's K = 384 layers the per-row, per-token epilogue cost
+//     more than the integer products).
 //   No AVX-512/VNNI code yet: isa 2 and 3 run the AVX2 code (a VNNI path needs a
 //   CPU with vpdpbusd to be tested on).
 //
@@ -53,7 +56,9 @@ constexpr int64_t kRowBlock = 16;  // rows per parallel work item
 constexpr float kUnsignedShift = 0.171875f;  // svdkernels.formats.int4.UNSIGNED_SHIFT
 
 // ---------------------------------------------------------------------------
-// Activation quantiser (scalar IEEE operations: identical on every path)
+// Activation quantiser: the same IEEE operations, element by element, on every
+// path (AVX2 does them 8 lanes at a time; max and division are exact operations,
+// so xq and xscale are bit-identical)
 
 // One token: x32 [K] float32, smooth [K] float32 -> xq [K/2], xscale [K/64].
 void quantize_token(const float* x32, const float* smooth, bool is_unsigned, int64_t K, uint8_t* xq, float* xscale) {
@@ -92,6 +97,69 @@ void quantize_token(const float* x32, const float* smooth, bool is_unsigned, int
       xq[(g * kGroup + j) / 2] = static_cast<uint8_t>((q[0] & 15) | ((q[1] & 15) << 4));
     }
   }
+}
+
+#if SVDK_X86
+// quantize_token, 8 lanes at a time. The scalar code's NaN handling carries over
+// lane by lane: max(0, t) keeps a NaN t (vmaxps returns its second operand when
+// either is NaN), max(a, amax) ignores a NaN a, and a NaN rounded value gives 0.
+SVDK_AVX2 void quantize_token_avx2(const float* x32, const float* smooth, bool is_unsigned, int64_t K, uint8_t* xq,
+                                   float* xscale) {
+  const __m256 zero = _mm256_setzero_ps(), shift = _mm256_set1_ps(kUnsignedShift);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 magic = _mm256_set1_ps(12582912.f);  // 1.5·2^23: see quantize_token
+  const __m256 qmin = _mm256_set1_ps(is_unsigned ? 0.f : -8.f), qmax = _mm256_set1_ps(is_unsigned ? 15.f : 7.f);
+  alignas(32) int32_t q[kGroup];
+  for (int64_t g = 0; g < K / kGroup; ++g) {
+    __m256 v[8];
+    __m256 amax = zero, nan = zero;
+    SVDK_UNROLL for (int i = 0; i < 8; ++i) {
+      const int64_t k = g * kGroup + 8 * i;
+      __m256 t = _mm256_loadu_ps(x32 + k);
+      if (is_unsigned) t = _mm256_add_ps(t, shift);
+      t = _mm256_div_ps(t, _mm256_loadu_ps(smooth + k));
+      if (is_unsigned) t = _mm256_max_ps(zero, t);
+      v[i] = t;
+      const __m256 a = is_unsigned ? t : _mm256_and_ps(t, absmask);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+      amax = _mm256_max_ps(a, amax);
+    }
+    // Lanes hold +0 or more, never NaN: their maximum is order-free.
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float s = _mm256_movemask_ps(nan) ? std::numeric_limits<float>::quiet_NaN()
+                                             : _mm_cvtss_f32(m4) / (is_unsigned ? 15.f : 7.f);
+    xscale[g] = s;
+    if (s > 0.f) {
+      const __m256 sv = _mm256_set1_ps(s);
+      SVDK_UNROLL for (int i = 0; i < 8; ++i) {
+        const __m256 r = _mm256_sub_ps(_mm256_add_ps(_mm256_div_ps(v[i], sv), magic), magic);
+        const __m256 c = _mm256_min_ps(_mm256_max_ps(r, qmin), qmax);
+        const __m256 ok = _mm256_cmp_ps(r, r, _CMP_ORD_Q);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q + 8 * i), _mm256_cvttps_epi32(_mm256_and_ps(c, ok)));
+      }
+    } else {
+      std::fill_n(q, kGroup, 0);
+    }
+    for (int64_t j = 0; j < kGroup; j += 2) {
+      xq[(g * kGroup + j) / 2] = static_cast<uint8_t>((q[j] & 15) | ((q[j + 1] & 15) << 4));
+    }
+  }
+}
+#endif  // SVDK_X86
+
+// Every smoothing factor finite and > 0, as the Python op's check_smooth_values
+// (here, the eager call pays no reduction and host syncs of its own for it).
+void check_smooth(const float* s, int64_t K) {
+  int64_t bad = 0, first = -1;
+  for (int64_t k = 0; k < K; ++k) {
+    if (!(s[k] > 0.f && s[k] < std::numeric_limits<float>::infinity())) {  // a NaN fails too
+      if (bad++ == 0) first = k;
+    }
+  }
+  TORCH_CHECK_VALUE(bad == 0, "smooth: expected finite factors > 0, got ", bad > 0 ? s[first] : 0.f, " at index ",
+                    first, " (", bad, " of ", K, " bad)");
 }
 
 template <typename T>
@@ -147,70 +215,106 @@ void rows_generic(const GemmArgs<T>& a, const float* ws, int64_t n) {
 }
 
 #if SVDK_X86
-// [s0..s7]: the int32 lane sums of v[0..7] (8 groups reduced together).
-SVDK_AVX2 inline __m256i reduce8(const __m256i* v) {
-  const __m256i h01 = _mm256_hadd_epi32(v[0], v[1]), h23 = _mm256_hadd_epi32(v[2], v[3]);
-  const __m256i h45 = _mm256_hadd_epi32(v[4], v[5]), h67 = _mm256_hadd_epi32(v[6], v[7]);
-  const __m256i h0123 = _mm256_hadd_epi32(h01, h23), h4567 = _mm256_hadd_epi32(h45, h67);
-  return _mm256_add_epi32(_mm256_permute2x128_si256(h0123, h4567, 0x20),
-                          _mm256_permute2x128_si256(h0123, h4567, 0x31));
+// [s0..s7] as int32: the sums of the 16 int16 lanes of v[0..7]. A row's group sum
+// fits int16 (16 lanes of at most 4 products 15·15: 14400), so the reduction runs
+// on 16-bit lanes (vphaddw) and widens once, instead of a vpmaddwd per row.
+SVDK_AVX2 inline __m256i reduce8_epi16(const __m256i* v) {
+  const __m256i h01 = _mm256_hadd_epi16(v[0], v[1]), h23 = _mm256_hadd_epi16(v[2], v[3]);
+  const __m256i h45 = _mm256_hadd_epi16(v[4], v[5]), h67 = _mm256_hadd_epi16(v[6], v[7]);
+  const __m256i h = _mm256_hadd_epi16(_mm256_hadd_epi16(h01, h23), _mm256_hadd_epi16(h45, h67));
+  return _mm256_cvtepi16_epi32(_mm_add_epi16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
 }
 
-// One row x TM tokens (m0 ..), the whole K.
-template <typename T, int TM>
-SVDK_AVX2 inline void tile_avx2(const GemmArgs<T>& a, const float* ws, int64_t n, int64_t m0) {
-  const __m256i low4 = _mm256_set1_epi8(15), flip = _mm256_set1_epi8(static_cast<char>(0x88));
-  const __m256i ones = _mm256_set1_epi16(1);
-  const uint8_t* w = a.qw + n * (a.K / 2);
-  const int64_t xrow = a.G8 * kGroup;
-  float y[TM];
-  SVDK_UNROLL for (int t = 0; t < TM; ++t) y[t] = 0.f;
-  for (int64_t gb = 0; gb < a.G8; gb += 8) {
-    const int64_t ng = std::min<int64_t>(8, a.G - gb);
-    __m256i part[TM][8];
-    SVDK_UNROLL for (int j = 0; j < 8; ++j) {
-      if (j < ng) {
-        const int64_t g = gb + j;
-        const __m256i b = _mm256_xor_si256(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * (kGroup / 2))), flip);
-        const __m256i lo = _mm256_and_si256(b, low4);                          // qw+8 of even k
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);    // qw+8 of odd k
-        SVDK_UNROLL for (int t = 0; t < TM; ++t) {
-          const int8_t* x = a.xs8 + (m0 + t) * xrow + g * kGroup;
-          const __m256i p = _mm256_add_epi16(
-              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + kGroup / 2))));
-          part[t][j] = _mm256_madd_epi16(p, ones);
-        }
-      } else {
-        SVDK_UNROLL for (int t = 0; t < TM; ++t) part[t][j] = _mm256_setzero_si256();
-      }
-    }
-    const __m256 wsv = _mm256_loadu_ps(ws + gb);
-    SVDK_UNROLL for (int t = 0; t < TM; ++t) {
-      const int64_t m = m0 + t;
-      const __m256i sums = _mm256_sub_epi32(
-          reduce8(part[t]), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xcorr + m * a.G8 + gb)));
-      // The reference's per-group float32 terms: sum·(xscale·scale).
-      const __m256 term =
-          _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(_mm256_loadu_ps(a.xscale + m * a.G8 + gb), wsv));
-      alignas(32) float tv[8];
-      _mm256_store_ps(tv, term);
-      for (int64_t j = 0; j < ng; ++j) y[t] += tv[j];  // group by group, in order
-    }
-  }
-  SVDK_UNROLL for (int t = 0; t < TM; ++t) store(a, kIsaAvx2, m0 + t, n, y[t]);
-}
+// Scratch of one 8-row tile (see tile8_avx2), in floats/bytes.
+struct Tile8 {
+  std::vector<uint8_t> w;     // [G][8 rows][64]: per group and row, qw+8 of the 32 even k, then of the 32 odd k
+  std::vector<float> ws;      // [G][8]: the rows' scales in float32 (0 past N)
+  std::vector<float> lu;      // [R][8]: L_up transposed (0 past N)
+  std::vector<float> b;       // [8]: bias (0 past N)
+  std::vector<uint8_t> zero;  // [K/2]: a row of zero weights (the rows past N)
+  Tile8(int64_t G, int64_t R, int64_t K) : w(G * 8 * kGroup), ws(G * 8), lu(R * 8), b(8), zero(K / 2) {}
+};
 
+// Tokens per call below which tile8_avx2 unpacks the weights in the token loop
+// instead of once into the tile's scratch (at 1 token the scratch's store and
+// reload cost more than they save).
+constexpr int64_t kUnpackOnceTokens = 3;
+
+// Rows n0 .. n0+7 (those below N) x every token. From kUnpackOnceTokens tokens the
+// tile's weights are unpacked once into bytes (qw+8, the layout vpmaddubsw reads),
+// so the token loop streams L1-resident bytes (fewer tokens unpack in the loop); each group's 8 rows' integer sums come out of one reduce8 as a
+// vector over the rows, and the float32 epilogue runs 8 rows per instruction:
+//   y[rows] = Σ_g sum_g·(xscale·scale_g)   (group by group: the reference's sequence)
+//           + Σ_j la[m, j]·L_up[rows, j]   (4 interleaved chains, then (c0+c1)+(c2+c3))
+//           + bias.
+// Rows past N get zero scales, L_up and bias and are not stored, so every row is
+// computed alike whatever N and the blocking.
 template <typename T>
-SVDK_AVX2 void row_avx2(const GemmArgs<T>& a, const float* ws, int64_t n) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= a.M; m0 += 4) tile_avx2<T, 4>(a, ws, n, m0);
-  switch (a.M - m0) {
-    case 3: tile_avx2<T, 3>(a, ws, n, m0); break;
-    case 2: tile_avx2<T, 2>(a, ws, n, m0); break;
-    case 1: tile_avx2<T, 1>(a, ws, n, m0); break;
-    default: break;
+SVDK_AVX2 void tile8_avx2(const GemmArgs<T>& a, int64_t n0, Tile8& s) {
+  const __m256i low4 = _mm256_set1_epi8(15), flip = _mm256_set1_epi8(static_cast<char>(0x88));
+  const int64_t G = a.G, R = a.R, rows = std::min<int64_t>(8, a.N - n0);
+  const bool once = a.M >= kUnpackOnceTokens;
+  const uint8_t* qrow[8];  // the rows' packed weights (the zero row past N)
+  for (int64_t r = 0; r < 8; ++r) qrow[r] = r < rows ? a.qw + (n0 + r) * (a.K / 2) : s.zero.data();
+  for (int64_t r = 0; r < 8; ++r) {
+    const int64_t n = n0 + r;
+    for (int64_t g = 0; g < G; ++g) {
+      s.ws[g * 8 + r] = r < rows ? to_float(a.scales[n * G + g]) : 0.f;
+      if (!once) continue;  // unpacked in the token loop
+      const __m256i bytes = _mm256_xor_si256(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow[r] + g * (kGroup / 2))), flip);
+      uint8_t* dst = s.w.data() + (g * 8 + r) * kGroup;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_and_si256(bytes, low4));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4));
+    }
+    for (int64_t j = 0; j < R; ++j) s.lu[j * 8 + r] = r < rows ? to_float(a.L_up[n * R + j]) : 0.f;
+    s.b[r] = r < rows && a.bias ? to_float(a.bias[n]) : 0.f;
+  }
+  const int64_t xrow = a.G8 * kGroup;
+  for (int64_t m = 0; m < a.M; ++m) {
+    const int8_t* x = a.xs8 + m * xrow;
+    __m256 y = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + g * kGroup));
+      const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + g * kGroup + kGroup / 2));
+      const uint8_t* w = s.w.data() + g * 8 * kGroup;
+      __m256i part[8];
+      SVDK_UNROLL for (int r = 0; r < 8; ++r) {
+        __m256i lo, hi;
+        if (once) {
+          lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * kGroup));
+          hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * kGroup + kGroup / 2));
+        } else {
+          const __m256i b = _mm256_xor_si256(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow[r] + g * (kGroup / 2))), flip);
+          lo = _mm256_and_si256(b, low4);
+          hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+        }
+        part[r] = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
+      }
+      const __m256i sums = _mm256_sub_epi32(reduce8_epi16(part), _mm256_set1_epi32(a.xcorr[m * a.G8 + g]));
+      // The reference's per-group float32 term: sum·(xscale·scale).
+      const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(a.xscale[m * a.G8 + g]), _mm256_loadu_ps(s.ws.data() + g * 8));
+      __m256 term = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), scale);
+      // Rounded before the add, as the reference: GCC contracts a vector mul + add
+      // into an FMA (-ffp-contract=fast), which the empty asm prevents.
+      __asm__("" : "+x"(term));
+      y = _mm256_add_ps(y, term);
+    }
+    if (R > 0) {
+      __m256 c[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      const float* la = a.la + m * R;
+      for (int64_t j = 0; j < R; j += 4) {  // R is a multiple of 16
+        SVDK_UNROLL for (int i = 0; i < 4; ++i) {
+          c[i] = _mm256_fmadd_ps(_mm256_set1_ps(la[j + i]), _mm256_loadu_ps(s.lu.data() + (j + i) * 8), c[i]);
+        }
+      }
+      y = _mm256_add_ps(y, _mm256_add_ps(_mm256_add_ps(c[0], c[1]), _mm256_add_ps(c[2], c[3])));
+    }
+    if (a.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(s.b.data()));
+    alignas(32) float v[8];
+    _mm256_store_ps(v, y);
+    for (int64_t r = 0; r < rows; ++r) a.y[m * a.N + n0 + r] = static_cast<T>(v[r]);
   }
 }
 #endif  // SVDK_X86
@@ -220,15 +324,17 @@ void run_gemm(int64_t isa, const GemmArgs<T>& a) {
   const int64_t blocks = (a.N + kRowBlock - 1) / kRowBlock;
   const int64_t grain = std::max<int64_t>(1, 65536 / (kRowBlock * (a.K / 2) * std::max<int64_t>(1, a.M / 4)));
   at::parallel_for(0, blocks, grain, [&](int64_t bb, int64_t be) {
-    std::vector<float> ws(a.G8, 0.f);  // this row's scales in float32, zero-padded
-    for (int64_t n = bb * kRowBlock; n < std::min(a.N, be * kRowBlock); ++n) {
-      for (int64_t g = 0; g < a.G; ++g) ws[g] = to_float(a.scales[n * a.G + g]);
+    const int64_t n_end = std::min(a.N, be * kRowBlock);
 #if SVDK_X86
-      if (isa >= kIsaAvx2) {
-        row_avx2(a, ws.data(), n);
-        continue;
-      }
+    if (isa >= kIsaAvx2) {
+      Tile8 scratch(a.G, a.R, a.K);
+      for (int64_t n0 = bb * kRowBlock; n0 < n_end; n0 += 8) tile8_avx2(a, n0, scratch);
+      return;
+    }
 #endif
+    std::vector<float> ws(a.G8, 0.f);  // this row's scales in float32, zero-padded
+    for (int64_t n = bb * kRowBlock; n < n_end; ++n) {
+      for (int64_t g = 0; g < a.G; ++g) ws[g] = to_float(a.scales[n * a.G + g]);
       rows_generic(a, ws.data(), n);
     }
   });
@@ -336,6 +442,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_quantize_act(
   const int64_t M = x.size(0), K = x.size(1), R = L_down.size(0);
   const at::Tensor x32 = x.to(at::kFloat).contiguous();
   const at::Tensor s32 = smooth.to(at::kFloat).contiguous();
+  check_smooth(s32.data_ptr<float>(), K);
   at::Tensor xq = at::empty({M, K / 2}, x.options().dtype(at::kByte));
   at::Tensor xscale = at::empty({M, K / kGroup}, x.options().dtype(at::kFloat));
   at::Tensor la = at::empty({M, R}, x.options().dtype(at::kFloat));
@@ -345,7 +452,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_quantize_act(
   uint8_t* qp = xq.data_ptr<uint8_t>();
   float* scp = xscale.data_ptr<float>();
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t mb, int64_t me) {
-    for (int64_t m = mb; m < me; ++m) quantize_token(xp + m * K, sp, is_unsigned, K, qp + m * (K / 2), scp + m * (K / kGroup));
+    for (int64_t m = mb; m < me; ++m) {
+#if SVDK_X86
+      if (isa >= kIsaAvx2) {
+        quantize_token_avx2(xp + m * K, sp, is_unsigned, K, qp + m * (K / 2), scp + m * (K / kGroup));
+        continue;
+      }
+#endif
+      quantize_token(xp + m * K, sp, is_unsigned, K, qp + m * (K / 2), scp + m * (K / kGroup));
+    }
   });
   if (R > 0) {
     float* lp = la.data_ptr<float>();

@@ -392,13 +392,17 @@ def _dispatch_quantize_act(
     x: torch.Tensor, smooth: torch.Tensor, L_down: torch.Tensor, unsigned: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Choose the backend of ``lowrank_quantize_act`` and run it (inputs validated)."""
-    check_smooth_values(smooth)
     backend = select_backend("lowrank_quantize_act", x.device, has_cpp=True)
     if backend == "cpp":
+        # The C++ op checks the smoothing factors itself (no reduction and host
+        # syncs here: they cost as much as quantising a small layer's activations).
+        if x.dim() == 2:
+            return _cpp_op("_cpp_lowrank_quantize_act")(x, smooth, L_down, unsigned, -1)
         K = x.shape[-1]
         xq, xscale, act = _cpp_op("_cpp_lowrank_quantize_act")(x.reshape(-1, K), smooth, L_down, unsigned, -1)
         lead = x.shape[:-1]
         return xq.reshape(*lead, K // 2), xscale.reshape(*lead, K // GROUP_SIZE), act.reshape(*lead, act.shape[-1])
+    check_smooth_values(smooth)
     if backend == "triton":
         return _triton().lowrank_quantize_act(x, smooth, L_down, unsigned)
     return reference.lowrank_quantize_act(x, smooth, L_down, unsigned)
@@ -491,6 +495,8 @@ def _dispatch_w4a4(
     """Choose the backend of ``lowrank_w4a4_gemm`` and run it (inputs validated)."""
     backend = select_backend("lowrank_w4a4_gemm", xq.device, has_cpp=True)
     if backend == "cpp":
+        if xq.dim() == 2:
+            return _cpp_op("_cpp_lowrank_w4a4_gemm")(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned, -1)
         lead = xq.shape[:-1]
         M = lead.numel()  # not reshape(-1, r): r may be 0
         y = _cpp_op("_cpp_lowrank_w4a4_gemm")(

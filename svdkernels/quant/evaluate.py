@@ -4,8 +4,9 @@ compound across layers). Calibration itself lives in :mod:`svdkernels.calibratio
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from svdkernels.calibration import output_hooks, run_batches
 
-__all__ = ["layer_sqnr", "sqnr_db"]
+__all__ = ["layer_sqnr", "sqnr_db", "sqnr_hooks"]
 
 
 def sqnr_db(signal_sq: float, noise_sq: float) -> float:
@@ -23,17 +24,21 @@ def sqnr_db(signal_sq: float, noise_sq: float) -> float:
     return 10 * math.log10(signal_sq / noise_sq) if signal_sq > 0 else -math.inf
 
 
-def layer_sqnr(reference: nn.Module, quantized: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
+@contextlib.contextmanager
+def sqnr_hooks(reference: nn.Module, quantized: nn.Module) -> Iterator[dict[str, float]]:
     """Per-layer output SQNR (dB) of the quantised layers of ``quantized`` on the
-    real inputs of the same layers in ``reference`` (its float original).
+    inputs their float counterparts in ``reference`` receive while the context is
+    open: run ``reference`` inside it, as often as you like (e.g. to compute its own
+    outputs too, so the float model runs once for both).
 
-    Every layer of ``quantized`` that is a
-    :class:`~svdkernels.quant.linear.LowRankQuantLinear` is fed, during a forward of
-    ``reference`` on ``batches``, exactly the input its float counterpart receives;
-    ``SQNR = 20·log10(‖y‖/‖y − ŷ‖)`` over all its rows, ``y`` the float output.
+    Every :class:`~svdkernels.quant.linear.LowRankQuantLinear` of ``quantized`` is
+    called on exactly the input the same-named layer of ``reference`` gets, so
+    errors do not compound across layers; ``SQNR = 20·log10(‖y‖/‖y − ŷ‖)`` over all
+    rows seen, ``y`` the float output.
 
-    Returns:
-        ``{name: dB}``, in module order (layers never called are left out).
+    Yields:
+        a dict, filled on exit with ``{name: dB}`` in module order (layers never
+        called are left out).
     """
     from svdkernels.quant.linear import LowRankQuantLinear
 
@@ -49,6 +54,20 @@ def layer_sqnr(reference: nn.Module, quantized: nn.Module, batches: Iterable[Any
         sums[name][0] += float(y.square().sum())
         sums[name][1] += float(err.square().sum())
 
+    result: dict[str, float] = {}
     with output_hooks(ref_modules, hook):
+        yield result
+    result.update({n: sqnr_db(s, e) for n, (s, e) in sums.items() if s > 0 or e > 0})
+
+
+def layer_sqnr(reference: nn.Module, quantized: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
+    """Per-layer output SQNR (dB) of the quantised layers of ``quantized`` on the
+    real inputs of the same layers in ``reference`` (its float original), during a
+    forward of ``reference`` on ``batches`` (see :func:`sqnr_hooks`).
+
+    Returns:
+        ``{name: dB}``, in module order (layers never called are left out).
+    """
+    with sqnr_hooks(reference, quantized) as db:
         run_batches(reference, batches, name="batches")
-    return {n: sqnr_db(s, e) for n, (s, e) in sums.items() if s > 0 or e > 0}
+    return db

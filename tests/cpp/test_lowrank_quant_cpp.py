@@ -94,6 +94,18 @@ def test_every_nibble_value_and_zero_groups(isa, dtype):
     assert (y[:, 3] == 0).all()
 
 
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_NAMES.get)
+@pytest.mark.parametrize("mag", [1e-30, 1e-20, 1e20, 1e30], ids=str)
+def test_activation_magnitudes(isa, mag):
+    # The AVX2 path multiplies x by 2^-28 once (its weights come out as q·2^28):
+    # exact while x·2^-28 is a normal float, and within the bound below that.
+    layer = random_w4a16_layer(40, 256, 16, torch.float32, seed=7)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(8)) * mag
+    y = OP(x, *layer, isa)
+    assert torch.isfinite(y).all()
+    check(y, x, layer)
+
+
 def test_paths_agree_to_rounding():
     # Different paths sum in different orders: equal up to float32 rounding.
     layer = random_w4a16_layer(96, 512, 32, torch.float32)
