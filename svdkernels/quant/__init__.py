@@ -28,7 +28,7 @@ from svdkernels.formats.int4 import (
 )
 from svdkernels.ops.lowrank_quant import lowrank_quantize_act, lowrank_w4a4_gemm, lowrank_w4a16_linear
 from svdkernels.quant.linear import LowRankQuantLinear
-from svdkernels.quant.evaluate import layer_sqnr
+from svdkernels.quant.evaluate import layer_sqnr, sqnr_hooks
 from svdkernels.quant.model import (
     DEFAULT_ALPHAS,
     DEFAULT_REFINE_ITERS,
@@ -54,4 +54,5 @@ __all__ = [
     "quantize_model",
     "quantize_model_rtn",
     "save_quantized",
+    "sqnr_hooks",
 ]
