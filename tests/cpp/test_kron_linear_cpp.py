@@ -8,25 +8,20 @@ internal ops' contract.
 
 Skipped when svdkernels._C is not built, unless SVDKERNELS_REQUIRE_EXTENSION=1.
 """
-import os
 
 import pytest
 import torch
 
 import svdkernels
-from svdkernels.backends import cpp_available, use_backend
+from svdkernels.backends import use_backend
 from svdkernels.ops import kron_linear_cpp as cpp
 
-if not cpp_available():
-    if os.environ.get("SVDKERNELS_REQUIRE_EXTENSION", "").strip() not in ("", "0"):
-        raise RuntimeError("svdkernels._C is not built but SVDKERNELS_REQUIRE_EXTENSION is set")
-    pytest.skip("svdkernels._C is not built", allow_module_level=True)
+from cpp_support import ISA_NAMES, isas, require_extension  # noqa: E402 (tests/cpp on sys.path)
 
-import svdkernels._C  # noqa: E402,F401
+require_extension()
 
 OPS = torch.ops.svdkernels
-ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512", 3: "avx512bf16"}
-ISAS = list(range(OPS._cpp_best_isa() + 1))
+ISAS = isas()
 # (N, r, a1, a2, b1, b2): remainders everywhere; one adapter-like shape (32x32 factors).
 SHAPES = [(37, 2, 5, 7, 6, 9), (70, 1, 32, 32, 32, 32), (19, 3, 16, 8, 24, 40)]
 

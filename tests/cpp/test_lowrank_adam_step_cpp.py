@@ -8,29 +8,24 @@ independence; the public op's dispatch and the internal op's contract.
 
 Skipped when svdkernels._C is not built, unless SVDKERNELS_REQUIRE_EXTENSION=1.
 """
-import os
 
 import pytest
 import torch
 
 import svdkernels
-from svdkernels.backends import cpp_available, use_backend
+from svdkernels.backends import use_backend
 from svdkernels.ops import lowrank_adam_step_cpp as cpp
 from svdkernels.reference import lowrank_adam_step as ref
 from svdkernels.testing.errors import assert_raises_naming
 
-if not cpp_available():
-    if os.environ.get("SVDKERNELS_REQUIRE_EXTENSION", "").strip() not in ("", "0"):
-        raise RuntimeError("svdkernels._C is not built but SVDKERNELS_REQUIRE_EXTENSION is set")
-    pytest.skip("svdkernels._C is not built", allow_module_level=True)
+from cpp_support import ISA_NAMES, isas, require_extension  # noqa: E402 (tests/cpp on sys.path)
 
-import svdkernels._C  # noqa: E402,F401
+require_extension()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 OPS = torch.ops.svdkernels
-ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512", 3: "avx512bf16"}
-ISAS = list(range(OPS._cpp_best_isa() + 1))
+ISAS = isas()
 # (m, n, r): remainders in the 6-row and 16/32-column tiles; n < one column tile with
 # r = n; fewer rows than one tile; k > 256 (two int4 groups on either side).
 SHAPES = [(37, 53, 5), (70, 9, 9), (3, 40, 2), (300, 260, 17)]

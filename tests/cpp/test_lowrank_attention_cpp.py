@@ -10,26 +10,21 @@ internal op's contract and the public op's dispatch.
 Skipped when svdkernels._C is not built, unless SVDKERNELS_REQUIRE_EXTENSION=1.
 """
 import math
-import os
 
 import pytest
 import torch
 
 import svdkernels
-from svdkernels.backends import cpp_available, use_backend
+from svdkernels.backends import use_backend
 from svdkernels.ops import lowrank_attention_cpp as cpp
 from svdkernels.reference import lowrank_attention as ref
 
-if not cpp_available():
-    if os.environ.get("SVDKERNELS_REQUIRE_EXTENSION", "").strip() not in ("", "0"):
-        raise RuntimeError("svdkernels._C is not built but SVDKERNELS_REQUIRE_EXTENSION is set")
-    pytest.skip("svdkernels._C is not built", allow_module_level=True)
+from cpp_support import ISA_NAMES, isas, require_extension  # noqa: E402 (tests/cpp on sys.path)
 
-import svdkernels._C  # noqa: E402,F401
+require_extension()
 
 OP = torch.ops.svdkernels._cpp_lowrank_attention_decode.default
-ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512", 3: "avx512bf16"}
-ISAS = list(range(torch.ops.svdkernels._cpp_best_isa() + 1))
+ISAS = isas()
 
 # (rope flag, theta, scaling, layout, rotary_dim or None for d); None: absorbed.
 MODES = {

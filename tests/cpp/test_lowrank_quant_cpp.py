@@ -7,7 +7,6 @@ bfloat16 and float16 activations; determinism; the internal op's contract.
 Skipped when svdkernels._C is not built, unless SVDKERNELS_REQUIRE_EXTENSION=1
 (CI), where a missing extension is a failure.
 """
-import os
 
 import pytest
 import torch
@@ -15,21 +14,16 @@ import torch
 import svdkernels
 from svdkernels.testing.metrics import UNIT_ROUNDOFF, assert_within_bound
 from svdkernels.testing.quant import random_w4a16_layer
-from svdkernels.backends import cpp_available, select_backend
+from svdkernels.backends import select_backend
 from svdkernels.quant import dequantize_weight, lowrank_w4a16_linear, quantize_weight
 from svdkernels.reference import lowrank_quant as reference
 
-if not cpp_available():
-    if os.environ.get("SVDKERNELS_REQUIRE_EXTENSION", "").strip() not in ("", "0"):
-        raise RuntimeError("svdkernels._C is not built but SVDKERNELS_REQUIRE_EXTENSION is set")
-    pytest.skip("svdkernels._C is not built (C++ compiler or torch headers missing at install time)",
-                allow_module_level=True)
+from cpp_support import ISA_NAMES, isas, require_extension  # noqa: E402 (tests/cpp on sys.path)
 
-import svdkernels._C  # noqa: E402,F401 - registers torch.ops.svdkernels._cpp_*
+require_extension()
 
 OP = torch.ops.svdkernels._cpp_lowrank_w4a16_linear.default
-ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512", 3: "avx512bf16"}
-ISAS = list(range(torch.ops.svdkernels._cpp_best_isa() + 1))
+ISAS = isas()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 UNIT = UNIT_ROUNDOFF
 

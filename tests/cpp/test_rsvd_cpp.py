@@ -13,27 +13,22 @@ seed) fails these tolerances (checked below), so they pin the sketch too.
 
 Skipped when svdkernels._C is not built, unless SVDKERNELS_REQUIRE_EXTENSION=1.
 """
-import os
 
 import pytest
 import torch
 
 import svdkernels
-from svdkernels.backends import cpp_available, use_backend
+from svdkernels.backends import use_backend
 from svdkernels.ops import rsvd_cpp
 from svdkernels.reference import rsvd as reference
 from svdkernels.testing.matrices import spectral_matrix
 
-if not cpp_available():
-    if os.environ.get("SVDKERNELS_REQUIRE_EXTENSION", "").strip() not in ("", "0"):
-        raise RuntimeError("svdkernels._C is not built but SVDKERNELS_REQUIRE_EXTENSION is set")
-    pytest.skip("svdkernels._C is not built", allow_module_level=True)
+from cpp_support import ISA_NAMES, isas, require_extension  # noqa: E402 (tests/cpp on sys.path)
 
-import svdkernels._C  # noqa: E402,F401
+require_extension()
 
 OPS = torch.ops.svdkernels
-ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512", 3: "avx512bf16"}
-ISAS = list(range(OPS._cpp_best_isa() + 1))
+ISAS = isas()
 # (batch, m, n, rank): tall, wide, unbatched, two batch dims; l = rank + 10 = 13, 17, 26, 19.
 SHAPES = [((3,), 200, 150, 3), ((), 120, 260, 7), ((2,), 150, 333, 16), ((2, 2), 97, 64, 9)]
 

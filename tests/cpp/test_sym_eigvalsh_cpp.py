@@ -7,24 +7,19 @@ wrapper's dispatch and the internal op's contract.
 
 Skipped when svdkernels._C is not built, unless SVDKERNELS_REQUIRE_EXTENSION=1.
 """
-import os
 
 import pytest
 import torch
 
-from svdkernels.backends import cpp_available, use_backend
+from svdkernels.backends import use_backend
 from svdkernels.ops.sym_eigvalsh import sym_eigvalsh
 
-if not cpp_available():
-    if os.environ.get("SVDKERNELS_REQUIRE_EXTENSION", "").strip() not in ("", "0"):
-        raise RuntimeError("svdkernels._C is not built but SVDKERNELS_REQUIRE_EXTENSION is set")
-    pytest.skip("svdkernels._C is not built", allow_module_level=True)
+from cpp_support import ISA_NAMES, isas, require_extension  # noqa: E402 (tests/cpp on sys.path)
 
-import svdkernels._C  # noqa: E402,F401
+require_extension()
 
 OPS = torch.ops.svdkernels
-ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512", 3: "avx512bf16"}
-ISAS = list(range(OPS._cpp_best_isa() + 1))
+ISAS = isas()
 # Backward stable in each precision: |λ̂ − λ| ≤ c·n·u·‖G‖ (LAPACK's own bound's form).
 UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
 
