@@ -165,7 +165,7 @@ def _args(**over):
         (dict(exp_avg=torch.zeros(2, 6)), ValueError, ["exp_avg", "[8, 2]", "[2, 6]"]),
         (dict(exp_avg_sq=torch.zeros(8, 2).bfloat16()), TypeError, ["exp_avg_sq", "torch.bfloat16"]),
         (dict(side="up"), ValueError, ["side", "'up'"]),
-        (dict(betas=(1.0, 0.9)), ValueError, ["beta1", "1.0"]),
+        (dict(betas=(1.0, 0.9)), ValueError, ["betas[0]", "1.0"]),
         (dict(step_size="big"), TypeError, ["step_size", "str"]),
         (dict(sr_seed=1.5), TypeError, ["sr_seed", "float"]),
     ],
