@@ -79,6 +79,18 @@ def strict_kwargs(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def all_finite(t: Any) -> bool:
+    """Whether every entry of the tensor ``t`` is finite (NaN and inf are not).
+
+    A finite float64 sum proves it in one read-only pass with one host sync and no
+    temporary; only a non-finite sum (which huge finite entries can also give) needs
+    the entrywise check. Shared by the layers' checks of weights before an SVD.
+    """
+    import torch  # on use: importing svdkernels.errors stays free of torch
+
+    return bool(torch.isfinite(t.sum(dtype=torch.float64))) or bool(torch.isfinite(t).all())
+
+
 def check_finite_number(name: str, value: object, *, low: float | None = None, low_inclusive: bool = True,
                         high: float | None = None, allow_none: bool = False) -> float | None:
     """``float(value)`` if ``value`` is a finite real number (not a bool) in the given

@@ -23,7 +23,7 @@ from svdkernels.adapters.kron import KronLinear
 from svdkernels.adapters.methods import METHODS, Init, check_method_options, layer_regularizer, method_options
 from svdkernels.adapters.modules import Targets, set_module
 from svdkernels.adapters.svd_linear import SVDLinear
-from svdkernels.errors import check_finite_number
+from svdkernels.errors import all_finite, check_finite_number
 from svdkernels.ops.rsvd import rsvd
 
 ALL_METHODS = (*METHODS, "soka")
@@ -76,11 +76,7 @@ def _check_rank(rank: object, name: str, layer: nn.Linear, full_rank_ok: bool) -
 
 
 def _check_finite(name: str, layer: nn.Linear) -> None:
-    W = layer.weight.detach()
-    # A finite sum proves every entry finite in one read-only pass (no temporaries);
-    # only a non-finite sum (which a huge finite weight could also cause) needs the
-    # entrywise check.
-    if not torch.isfinite(W.sum(dtype=torch.float64)) and not torch.isfinite(W).all():
+    if not all_finite(layer.weight.detach()):
         raise ValueError(f"model: expected finite weights in the target layers, got NaN or inf in {name + '.' if name else ''}weight")
 
 

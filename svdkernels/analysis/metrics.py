@@ -19,6 +19,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from svdkernels.errors import all_finite
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _DTYPE_NAMES = "float32, float16, bfloat16 or float64"
 
@@ -48,10 +50,8 @@ def check_matrix(A: torch.Tensor, name: str, *, min_dims: int = 2, finite: bool 
         raise ValueError(f"{name}: expected a tensor of shape {shape}, got shape {tuple(A.shape)}")
     if A.numel() == 0:
         raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(A.shape)}")
-    # One reduction (a single host sync) rather than an entrywise isfinite mask.
-    if finite and not torch.isfinite(A.sum(dtype=torch.float64)):
-        if not bool(torch.isfinite(A).all()):
-            raise ValueError(f"{name}: expected finite values, got NaN or inf entries")
+    if finite and not all_finite(A):
+        raise ValueError(f"{name}: expected finite values, got NaN or inf entries")
 
 
 def _check_spectrum(S: torch.Tensor, name: str = "S") -> None:

@@ -43,6 +43,7 @@ from svdkernels.compress.factor import (
     whitening,
 )
 from svdkernels.compress.linear import LowRankLinear
+from svdkernels.errors import all_finite
 
 METHODS = ("svd", "fwsvd", "asvd", "svd_llm", "basis_sharing")
 BUDGETS = ("global", "uniform")
@@ -74,10 +75,7 @@ def _check_keep(keep: object) -> float:
 
 
 def _check_finite(name: str, layer: nn.Linear) -> None:
-    W = layer.weight.detach()
-    # A finite float64 sum proves every entry finite in one read-only pass; only a
-    # non-finite sum (which huge finite weights could also give) needs the entrywise check.
-    if not torch.isfinite(W.sum(dtype=torch.float64)) and not torch.isfinite(W).all():
+    if not all_finite(layer.weight.detach()):
         raise ValueError(f"{name}.weight: expected finite values, got NaN or inf")
     if layer.bias is not None and not torch.isfinite(layer.bias.detach()).all():
         raise ValueError(f"{name}.bias: expected finite values, got NaN or inf")

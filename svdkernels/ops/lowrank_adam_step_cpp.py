@@ -24,6 +24,12 @@ def cpp_supports(W: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tenso
             and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous())
 
 
+def _seed32(sr_seed: Optional[int]) -> Optional[int]:
+    # The rounding stream depends on the seed modulo 2³² only (the reference's sr_key);
+    # reducing it here keeps any Python int inside the schema's int64.
+    return None if sr_seed is None else sr_seed & 0xFFFFFFFF
+
+
 def _ops():
     import svdkernels._C  # noqa: F401 - registers the internal ops
 
@@ -42,11 +48,8 @@ def lowrank_adam_step(
     ``P_scale, P_zero [r, ceil(k/256)]``; moments ``[m, r]`` (right) or ``[r, n]`` (left).
     ``isa``: -1 the best this CPU runs, 0 portable C++, 1 AVX2, 2 AVX-512.
     """
-    # The rounding stream depends on the seed modulo 2³² only (the reference's sr_key);
-    # reducing it here keeps any Python int inside the schema's int64.
-    seed = None if sr_seed is None else sr_seed & 0xFFFFFFFF
     _ops()._cpp_lowrank_adam_step(W, G, P, P_scale, P_zero, exp_avg, exp_avg_sq, right, beta1, beta2, eps,
-                                  step_size, decay, seed, isa)
+                                  step_size, decay, _seed32(sr_seed), isa)
 
 
 def projected_adam_step(
@@ -56,6 +59,5 @@ def projected_adam_step(
 ) -> None:
     """The step from the projected gradient ``R`` (float32, the moments' shape) and a
     float32 basis ``P [r, k]``, as :func:`svdkernels.reference.lowrank_adam_step.projected_adam_step`."""
-    seed = None if sr_seed is None else sr_seed & 0xFFFFFFFF
     _ops()._cpp_lowrank_adam_step_projected(W, R, P, exp_avg, exp_avg_sq, right, beta1, beta2, eps, step_size,
-                                            decay, seed, isa)
+                                            decay, _seed32(sr_seed), isa)
