@@ -38,6 +38,18 @@ TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
   m.def(
       "_cpp_kron_linear_backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, float scale, bool needs_x, "
       "bool needs_A, bool needs_B, int isa=-1) -> (Tensor, Tensor, Tensor)");
+  // The same with B_i = Bu_i·Bv_i in low-rank form (Bu [r, b1, k], Bv [r, k, b2]; peft
+  // LoKr's w2_a·w2_b), every product through the rank k; the backward gives (∂x, ∂A, ∂Bu, ∂Bv).
+  m.def("_cpp_kron_linear_lowrank_b(Tensor x, Tensor A, Tensor Bu, Tensor Bv, float scale, int isa=-1) -> Tensor");
+  m.def(
+      "_cpp_kron_linear_lowrank_b_backward(Tensor grad_y, Tensor x, Tensor A, Tensor Bu, Tensor Bv, float scale, "
+      "bool needs_x, bool needs_A, bool needs_B, int isa=-1) -> (Tensor, Tensor, Tensor, Tensor)");
+  // In place, for a frozen layer plus its adapter in one autograd node: y += the map, and
+  // gx += ∂x with (∂A, ∂B or ∂Bu, ∂Bv) returned; B dense, or Bu with Bv given.
+  m.def("_cpp_kron_linear_add_(Tensor(a!) y, Tensor x, Tensor A, Tensor B, Tensor? Bv, float scale, int isa=-1) -> ()");
+  m.def(
+      "_cpp_kron_linear_backward_add_(Tensor(a!) gx, Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor? Bv, "
+      "float scale, bool needs_A, bool needs_B, int isa=-1) -> (Tensor, Tensor, Tensor)");
 
   // SVDQuant W4A4 (csrc/cpu/lowrank_w4a4.cpp): the activation quantiser with the
   // down projection, and the int4 x int4 GEMM with the up projection and bias.

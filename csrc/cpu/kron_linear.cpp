@@ -52,6 +52,19 @@ int64_t scratch_floats(const Params& p) {
   return generic_impl::item_scratch_floats(p);
 }
 
+void lowrank_b_forward_generic(const Params& p, int64_t n0, int64_t n1, float* scratch) {
+  generic_impl::lowrank_b_forward_tokens(p, n0, n1, scratch);
+}
+
+void lowrank_b_backward_generic(const Params& p, int64_t n0, int64_t n1, float* dA, float* dBu, float* dBv,
+                                float* scratch) {
+  generic_impl::lowrank_b_backward_tokens(p, n0, n1, dA, dBu, dBv, scratch);
+}
+
+int64_t lowrank_b_scratch_floats(const Params& p) {
+  return generic_impl::lowrank_b_scratch_floats(p);
+}
+
 }  // namespace kron
 
 namespace {
@@ -75,14 +88,28 @@ void check_inputs(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                     " (supported by this CPU), got ", isa);
 }
 
-Params make_params(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B) {
+// Bu [r, b1, k], Bv [r, k, b2] as the low-rank form of B [r, b1, b2] (k >= 1).
+void check_lowrank_b(const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bu, const at::Tensor& Bv,
+                     int64_t isa) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"Bu", &Bu}, {"Bv", &Bv}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, name, ": expected dtype float32, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 3 && t->size(1) >= 1 && t->size(2) >= 1, name,
+                      ": expected [r, p, q] (3-D, p, q >= 1), got ", t->sizes());
+  }
+  TORCH_CHECK_VALUE(Bu.size(0) == Bv.size(0) && Bu.size(2) == Bv.size(1), "Bu, Bv: expected [r, b1, k] and [r, k, b2], got ",
+                    Bu.sizes(), " and ", Bv.sizes());
+  // The dense checks on a B of the composed shape (no data: an expand of a scalar).
+  check_inputs(x, A, at::zeros({}, Bu.options()).expand({Bu.size(0), Bu.size(1), Bv.size(2)}), isa);
+}
+
+Params make_params(const at::Tensor& x, const at::Tensor& A, int64_t b1, int64_t b2) {
   Params p{};
   p.N = x.size(0);
   p.r = A.size(0);
   p.a1 = A.size(1);
   p.a2 = A.size(2);
-  p.b1 = B.size(1);
-  p.b2 = B.size(2);
+  p.b1 = b1;
+  p.b2 = b2;
   // Tokens per block: block intermediates of about 64 KiB.
   const int64_t per = std::max({p.a1 * p.b2, p.a2 * p.b1, p.a1 * p.b1});
   p.block = std::clamp<int64_t>(16384 / per, 1, 64);
@@ -104,83 +131,200 @@ int64_t pick(int64_t isa) {
   return isa == kIsaAuto ? best_isa() : isa;
 }
 
-}  // namespace
+// Checks (x, A and B, or Bu = B with Bv) and the block shape.
+Params checked_params(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                      const std::optional<at::Tensor>& Bv, int64_t isa) {
+  if (Bv.has_value()) {
+    check_lowrank_b(x, A, B, *Bv, isa);
+    Params p = make_params(x, A, B.size(1), Bv->size(2));
+    p.k = B.size(2);
+    return p;
+  }
+  check_inputs(x, A, B, isa);
+  return make_params(x, A, B.size(1), B.size(2));
+}
 
-at::Tensor kron_linear(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in, double scale,
-                       int64_t isa) {
-  check_inputs(x_in, A_in, B_in, isa);
-  isa = pick(isa);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor As = (A_in * scale).contiguous();
-  const at::Tensor Bt = B_in.transpose(1, 2).contiguous();
-  Params p = make_params(x, A_in, B_in);
-  at::Tensor y = at::empty({p.N, p.a1 * p.b1}, x.options());
-  if (p.N == 0) return y;
+void check_grad_y(const at::Tensor& grad_y, const Params& p) {
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == at::kFloat, "grad_y: expected dtype float32, got ", grad_y.scalar_type());
+  TORCH_CHECK_VALUE(grad_y.dim() == 2 && grad_y.size(0) == p.N && grad_y.size(1) == p.a1 * p.b1,
+                    "grad_y: expected [N, a1*b1] = [", p.N, ", ", p.a1 * p.b1, "], got ", grad_y.sizes());
+}
+
+void check_out(const at::Tensor& out, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, name, ": expected dtype float32, got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef({rows, cols}) && out.is_contiguous(), name,
+                    ": expected a contiguous [", rows, ", ", cols, "] tensor, got ", out.sizes());
+  TORCH_CHECK_VALUE(out.device().is_cpu(), name, ": expected a CPU tensor, got ", out.device());
+}
+
+// The forward over every chunk into p.y (written, or added to with p.accumulate).
+// x: contiguous; Bv given: B is Bu.
+void run_forward(Params& p, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                 const std::optional<at::Tensor>& Bv, double scale, int64_t isa) {
+  if (p.N == 0) return;
+  const at::Tensor As = (A * scale).contiguous();
+  const bool lowrank = Bv.has_value();
+  const at::Tensor Bt = B.transpose(1, 2).contiguous();  // Bᵀ, or Buᵀ
+  const at::Tensor Bvt = lowrank ? Bv->transpose(1, 2).contiguous() : at::Tensor();
   p.x = x.data_ptr<float>();
   p.As = As.data_ptr<float>();
-  p.Bt = Bt.data_ptr<float>();
-  p.y = y.data_ptr<float>();
+  if (lowrank) {
+    p.But = Bt.data_ptr<float>();
+    p.Bvt = Bvt.data_ptr<float>();
+    // AVX-512 vectors are 16 lanes: a rank below that would leave them in the scalar tail.
+    if (isa >= kIsaAvx512 && p.k < 16) isa = kIsaAvx2;
+  } else {
+    p.Bt = Bt.data_ptr<float>();
+  }
+  auto kernel = lowrank ? (isa >= kIsaAvx512 ? kron::lowrank_b_forward_avx512
+                           : isa == kIsaAvx2 ? kron::lowrank_b_forward_avx2
+                                             : kron::lowrank_b_forward_generic)
+                        : (isa >= kIsaAvx512 ? kron::forward_avx512
+                           : isa == kIsaAvx2 ? kron::forward_avx2
+                                             : kron::forward_generic);
+  const int64_t scratch = lowrank ? kron::lowrank_b_scratch_floats(p) : kron::scratch_floats(p);
   const std::vector<int64_t> bounds = chunk_bounds(p);
-  const int64_t scratch = kron::scratch_floats(p);
-  auto kernel = isa >= kIsaAvx512 ? kron::forward_avx512 : isa == kIsaAvx2 ? kron::forward_avx2 : kron::forward_generic;
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(scratch);
     for (int64_t c = begin; c < end; ++c) kernel(p, bounds[c], bounds[c + 1], buf.data());
   });
-  return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_linear_backward(
-    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in, double scale,
-    bool needs_x, bool needs_A, bool needs_B, int64_t isa) {
-  check_inputs(x_in, A_in, B_in, isa);
-  TORCH_CHECK_TYPE(grad_y.scalar_type() == at::kFloat, "grad_y: expected dtype float32, got ", grad_y.scalar_type());
-  TORCH_CHECK_VALUE(grad_y.dim() == 2 && grad_y.size(0) == x_in.size(0) &&
-                        grad_y.size(1) == A_in.size(1) * B_in.size(1),
-                    "grad_y: expected [N, a1*b1] = [", x_in.size(0), ", ", A_in.size(1) * B_in.size(1), "], got ",
-                    grad_y.sizes());
-  isa = pick(isa);
-  const at::Tensor x = x_in.contiguous(), g = grad_y.contiguous();
+// The backward over every chunk: ∂x into p.gx when set (written, or added to with
+// p.accumulate); returns (∂A, ∂B or ∂Bu, ∂Bv), scaled, empty where not asked for
+// (∂Bv also without Bv).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(Params& p, const at::Tensor& grad_y, const at::Tensor& x,
+                                                             const at::Tensor& A_in, const at::Tensor& B_in,
+                                                             const std::optional<at::Tensor>& Bv, double scale,
+                                                             bool needs_A, bool needs_B, int64_t isa) {
+  const bool lowrank = Bv.has_value();
   const at::Tensor A = A_in.contiguous(), B = B_in.contiguous();
+  const int64_t nA = needs_A ? A.numel() : 0, nB = needs_B ? B.numel() : 0;
+  const int64_t nBv = needs_B && lowrank ? Bv->numel() : 0;
+  auto grad = [&](int64_t n, const at::Tensor& like) { return n ? at::zeros(like.sizes(), like.options()) : like.new_empty({0}); };
+  at::Tensor gA = grad(nA, A), gB = grad(nB, B), gBv = lowrank ? grad(nBv, *Bv) : B.new_empty({0});
+  if (p.N == 0 || !(p.gx != nullptr || needs_A || needs_B)) return {gA, gB, gBv};
+  const at::Tensor g = grad_y.contiguous();
   const at::Tensor As = (A * scale).contiguous();
-  Params p = make_params(x, A, B);
-  at::Tensor gx = needs_x ? at::empty_like(x) : x.new_empty({0});
-  at::Tensor gA = needs_A ? at::zeros_like(A) : A.new_empty({0});
-  at::Tensor gB = needs_B ? at::zeros_like(B) : B.new_empty({0});
-  if (p.N == 0 || !(needs_x || needs_A || needs_B)) return {gx, gA, gB};
+  const at::Tensor Bvt = lowrank ? Bv->transpose(1, 2).contiguous() : at::Tensor();
+  const at::Tensor Bvs = lowrank ? (*Bv * scale).contiguous() : at::Tensor();
   p.x = x.data_ptr<float>();
   p.g = g.data_ptr<float>();
   p.A = A.data_ptr<float>();
   p.As = As.data_ptr<float>();
-  p.B = B.data_ptr<float>();
-  p.gx = needs_x ? gx.data_ptr<float>() : nullptr;
   p.needs_A = needs_A;
   p.needs_B = needs_B;
+  if (lowrank) {
+    p.Bu = B.data_ptr<float>();
+    p.Bvt = Bvt.data_ptr<float>();
+    p.Bvs = Bvs.data_ptr<float>();
+    if (isa >= kIsaAvx512 && p.k < 16) isa = kIsaAvx2;  // as in the forward
+  } else {
+    p.B = B.data_ptr<float>();
+  }
   const std::vector<int64_t> bounds = chunk_bounds(p);
   const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
-  const int64_t nA = p.r * p.a1 * p.a2, nB = p.r * p.b1 * p.b2;
-  at::Tensor partA = at::zeros({chunks, needs_A ? nA : 1}, x.options());
-  at::Tensor partB = at::zeros({chunks, needs_B ? nB : 1}, x.options());
-  float* pa = partA.data_ptr<float>();
-  float* pb = partB.data_ptr<float>();
-  const int64_t scratch = kron::scratch_floats(p);
-  auto kernel =
-      isa >= kIsaAvx512 ? kron::backward_avx512 : isa == kIsaAvx2 ? kron::backward_avx2 : kron::backward_generic;
+  // Per chunk [∂A | ∂B (∂Bu) | ∂Bv], summed in chunk order (independent of the thread count).
+  at::Tensor part = at::zeros({chunks, nA + nB + nBv + 1}, x.options());
+  float* pp = part.data_ptr<float>();
+  const int64_t stride = part.size(1);
+  const int64_t scratch = lowrank ? kron::lowrank_b_scratch_floats(p) : kron::scratch_floats(p);
+  auto dense = isa >= kIsaAvx512 ? kron::backward_avx512 : isa == kIsaAvx2 ? kron::backward_avx2 : kron::backward_generic;
+  auto lr = isa >= kIsaAvx512 ? kron::lowrank_b_backward_avx512
+            : isa == kIsaAvx2 ? kron::lowrank_b_backward_avx2
+                              : kron::lowrank_b_backward_generic;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(scratch);
     for (int64_t c = begin; c < end; ++c) {
-      kernel(p, bounds[c], bounds[c + 1], pa + c * partA.size(1), pb + c * partB.size(1), buf.data());
+      float* base = pp + c * stride;
+      if (lowrank) {
+        lr(p, bounds[c], bounds[c + 1], base, base + nA, base + nA + nB, buf.data());
+      } else {
+        dense(p, bounds[c], bounds[c + 1], base, base + nA, buf.data());
+      }
     }
   });
-  // Chunks summed in order, then scaled.
-  if (needs_A) gA.copy_(partA.sum(0).mul_(scale).view_as(A));
-  if (needs_B) gB.copy_(partB.sum(0).mul_(scale).view_as(B));
+  const at::Tensor total = part.sum(0).mul_(scale);
+  if (nA) gA.copy_(total.narrow(0, 0, nA).view_as(gA));
+  if (nB) gB.copy_(total.narrow(0, nA, nB).view_as(gB));
+  if (nBv) gBv.copy_(total.narrow(0, nA + nB, nBv).view_as(gBv));
+  return {gA, gB, gBv};
+}
+
+}  // namespace
+
+at::Tensor kron_linear(const at::Tensor& x_in, const at::Tensor& A, const at::Tensor& B, double scale, int64_t isa) {
+  Params p = checked_params(x_in, A, B, std::nullopt, isa);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty({p.N, p.a1 * p.b1}, x.options());
+  p.y = y.data_ptr<float>();
+  run_forward(p, x, A, B, std::nullopt, scale, pick(isa));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_linear_backward(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& A, const at::Tensor& B, double scale,
+    bool needs_x, bool needs_A, bool needs_B, int64_t isa) {
+  Params p = checked_params(x_in, A, B, std::nullopt, isa);
+  check_grad_y(grad_y, p);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor gx = needs_x ? at::empty_like(x) : x.new_empty({0});
+  p.gx = needs_x ? gx.data_ptr<float>() : nullptr;
+  auto [gA, gB, unused] = run_backward(p, grad_y, x, A, B, std::nullopt, scale, needs_A, needs_B, pick(isa));
   return {gx, gA, gB};
+}
+
+at::Tensor kron_linear_lowrank_b(const at::Tensor& x_in, const at::Tensor& A, const at::Tensor& Bu,
+                                 const at::Tensor& Bv, double scale, int64_t isa) {
+  Params p = checked_params(x_in, A, Bu, Bv, isa);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty({p.N, p.a1 * p.b1}, x.options());
+  p.y = y.data_ptr<float>();
+  run_forward(p, x, A, Bu, Bv, scale, pick(isa));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_linear_lowrank_b_backward(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& A, const at::Tensor& Bu, const at::Tensor& Bv,
+    double scale, bool needs_x, bool needs_A, bool needs_B, int64_t isa) {
+  Params p = checked_params(x_in, A, Bu, Bv, isa);
+  check_grad_y(grad_y, p);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor gx = needs_x ? at::empty_like(x) : x.new_empty({0});
+  p.gx = needs_x ? gx.data_ptr<float>() : nullptr;
+  auto [gA, gBu, gBv] = run_backward(p, grad_y, x, A, Bu, Bv, scale, needs_A, needs_B, pick(isa));
+  return {gx, gA, gBu, gBv};
+}
+
+void kron_linear_add_(at::Tensor& y, const at::Tensor& x_in, const at::Tensor& A, const at::Tensor& B,
+                      const std::optional<at::Tensor>& Bv, double scale, int64_t isa) {
+  Params p = checked_params(x_in, A, B, Bv, isa);
+  check_out(y, "y", p.N, p.a1 * p.b1);
+  const at::Tensor x = x_in.contiguous();
+  p.y = y.data_ptr<float>();
+  p.accumulate = true;
+  run_forward(p, x, A, B, Bv, scale, pick(isa));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_linear_backward_add_(
+    at::Tensor& gx, const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& A, const at::Tensor& B,
+    const std::optional<at::Tensor>& Bv, double scale, bool needs_A, bool needs_B, int64_t isa) {
+  Params p = checked_params(x_in, A, B, Bv, isa);
+  check_grad_y(grad_y, p);
+  check_out(gx, "gx", p.N, p.a2 * p.b2);
+  const at::Tensor x = x_in.contiguous();
+  p.gx = gx.data_ptr<float>();
+  p.accumulate = true;
+  return run_backward(p, grad_y, x, A, B, Bv, scale, needs_A, needs_B, pick(isa));
 }
 
 TORCH_LIBRARY_IMPL(svdkernels, CPU, m) {
   m.impl("_cpp_kron_linear", &kron_linear);
   m.impl("_cpp_kron_linear_backward", &kron_linear_backward);
+  m.impl("_cpp_kron_linear_lowrank_b", &kron_linear_lowrank_b);
+  m.impl("_cpp_kron_linear_lowrank_b_backward", &kron_linear_lowrank_b_backward);
+  m.impl("_cpp_kron_linear_add_", &kron_linear_add_);
+  m.impl("_cpp_kron_linear_backward_add_", &kron_linear_backward_add_);
 }
 
 }  // namespace cpu

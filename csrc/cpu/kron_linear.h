@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 namespace svdkernels {
@@ -20,6 +21,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_linear_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, double scale,
     bool needs_x, bool needs_A, bool needs_B, int64_t isa);
 
+// In-place forms for a frozen layer plus its adapter (one autograd node, no
+// activation-sized temporaries): y += scale·x·(Σ_i A_i ⊗ B_i)ᵀ, and gx += ∂x with
+// (∂A, ∂B, ∂Bv) returned. B is dense, or Bu [r, b1, k] with Bv [r, k, b2] given.
+void kron_linear_add_(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                      const std::optional<at::Tensor>& Bv, double scale, int64_t isa);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_linear_backward_add_(
+    at::Tensor& gx, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+    const std::optional<at::Tensor>& Bv, double scale, bool needs_A, bool needs_B, int64_t isa);
+
 namespace kron {
 
 struct Params {
@@ -34,6 +44,13 @@ struct Params {
   float* gx;        // [N, a2·b2] or nullptr
   bool needs_A, needs_B;
   int64_t block;    // tokens per block
+  // Low-rank B_i = Bu_i·Bv_i (the lowrank_b kernels; k = 0 for the dense ones):
+  int64_t k;
+  const float* Bu;   // [r, b1, k] (backward)
+  const float* Bvt;  // Bvᵀ [r, b2, k]
+  const float* But;  // Buᵀ [r, k, b1] (forward)
+  const float* Bvs;  // scale·Bv [r, k, b2] (backward)
+  bool accumulate;   // add into y / gx instead of writing them
 };
 
 // Floats of scratch one chunk of tokens needs.
@@ -47,6 +64,19 @@ void forward_avx512(const Params& p, int64_t n0, int64_t n1, float* scratch);
 void backward_generic(const Params& p, int64_t n0, int64_t n1, float* dA, float* dB, float* scratch);
 void backward_avx2(const Params& p, int64_t n0, int64_t n1, float* dA, float* dB, float* scratch);
 void backward_avx512(const Params& p, int64_t n0, int64_t n1, float* dA, float* dB, float* scratch);
+
+// The same with B_i = Bu_i·Bv_i in low-rank form: the backward adds the chunk's
+// ∂A, ∂Bu [r, b1, k] and ∂Bv [r, k, b2] (unscaled).
+int64_t lowrank_b_scratch_floats(const Params& p);
+void lowrank_b_forward_generic(const Params& p, int64_t n0, int64_t n1, float* scratch);
+void lowrank_b_forward_avx2(const Params& p, int64_t n0, int64_t n1, float* scratch);
+void lowrank_b_forward_avx512(const Params& p, int64_t n0, int64_t n1, float* scratch);
+void lowrank_b_backward_generic(const Params& p, int64_t n0, int64_t n1, float* dA, float* dBu, float* dBv,
+                                float* scratch);
+void lowrank_b_backward_avx2(const Params& p, int64_t n0, int64_t n1, float* dA, float* dBu, float* dBv,
+                             float* scratch);
+void lowrank_b_backward_avx512(const Params& p, int64_t n0, int64_t n1, float* dA, float* dBu, float* dBv,
+                               float* scratch);
 
 }  // namespace kron
 }  // namespace cpu

@@ -37,6 +37,15 @@ void backward_avx2(const Params& p, int64_t n0, int64_t n1, float* dA, float* dB
   avx2_impl::backward_tokens(p, n0, n1, dA, dB, scratch);
 }
 
+void lowrank_b_forward_avx2(const Params& p, int64_t n0, int64_t n1, float* scratch) {
+  avx2_impl::lowrank_b_forward_tokens(p, n0, n1, scratch);
+}
+
+void lowrank_b_backward_avx2(const Params& p, int64_t n0, int64_t n1, float* dA, float* dBu, float* dBv,
+                          float* scratch) {
+  avx2_impl::lowrank_b_backward_tokens(p, n0, n1, dA, dBu, dBv, scratch);
+}
+
 }  // namespace kron
 }  // namespace cpu
 }  // namespace svdkernels
@@ -57,6 +66,13 @@ void forward_avx2(const Params& p, int64_t n0, int64_t n1, float* scratch) {
 }
 void backward_avx2(const Params& p, int64_t n0, int64_t n1, float* dA, float* dB, float* scratch) {
   backward_generic(p, n0, n1, dA, dB, scratch);
+}
+void lowrank_b_forward_avx2(const Params& p, int64_t n0, int64_t n1, float* scratch) {
+  lowrank_b_forward_generic(p, n0, n1, scratch);
+}
+void lowrank_b_backward_avx2(const Params& p, int64_t n0, int64_t n1, float* dA, float* dBu, float* dBv,
+                          float* scratch) {
+  lowrank_b_backward_generic(p, n0, n1, dA, dBu, dBv, scratch);
 }
 }  // namespace kron
 }  // namespace cpu

@@ -66,6 +66,10 @@ template <bool ACC, bool TA>
 inline void gemm(const float* A, int64_t lda, const float* Bm, int64_t ldb, float* C, int64_t ldc, int64_t M,
                  int64_t K, int64_t N) {
   int64_t i = 0;
+  if (N == kW) {
+    // One vector per row (e.g. a rank-8 side on AVX2): 8 rows keep 8 FMA chains in flight.
+    for (; i + 8 <= M; i += 8) gemm_tile<8, 1, ACC, TA>(a_rows<TA>(A, lda, i), lda, Bm, ldb, C + i * ldc, ldc, K);
+  }
   for (; i + 4 <= M; i += 4) gemm_rows<4, ACC, TA>(a_rows<TA>(A, lda, i), lda, Bm, ldb, C + i * ldc, ldc, K, N);
   for (; i < M; ++i) gemm_rows<1, ACC, TA>(a_rows<TA>(A, lda, i), lda, Bm, ldb, C + i * ldc, ldc, K, N);
 }

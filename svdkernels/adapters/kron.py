@@ -27,7 +27,7 @@ from torch import nn
 
 from svdkernels.errors import check_finite_number, strict_kwargs
 from svdkernels.linalg.kpsvd import kpsvd, kron_sum
-from svdkernels.ops.kron_linear import factor_dims, kron_linear, normalize_factor
+from svdkernels.ops.kron_linear import factor_dims, kron_linear, linear_kron, normalize_factor
 
 Shape2 = tuple[int, int]
 
@@ -69,6 +69,15 @@ def _split_shapes(out_features: int, in_features: int, factor: int) -> tuple[Sha
     out_l, out_k = near_square_factors(out_features, factor)
     in_m, in_n = near_square_factors(in_features, factor)
     return (out_l, in_m), (out_k, in_n)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own or global ones) that a direct
+    ``F.linear`` would skip."""
+    from torch.nn.modules import module as mod
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or mod._global_forward_hooks
+                or mod._global_forward_pre_hooks)
 
 
 def _check_scale(scale: object) -> None:
@@ -250,7 +259,12 @@ class KronLinear(nn.Module):
     # -- forward, merge -----------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        base = self.base
+        if not self.merged and type(base) is nn.Linear and not _hooked(base):
+            # One node for the layer and its delta (in-place sums on the C++ kernels).
+            return linear_kron(x.to(base.weight.dtype), base.weight, base.bias, self.factor("A"), self.factor("B"),
+                               scale=self.scale)
+        y = base(x)
         if self.merged:
             return y
         delta = kron_linear(x.to(self.base.weight.dtype), self.factor("A"), self.factor("B"), scale=self.scale)

@@ -10,12 +10,15 @@ the backward is one fused pass giving ``∂x``, ``∂A`` and ``∂B``).
 A factor travels through the schema as a list: ``[dense]`` with ``dense [r, p, q]``,
 or ``[u [r, p, k], v [r, k, q]]`` for the low-rank form ``u @ v`` (peft LoKr's
 ``w1_a·w1_b`` / ``w2_a·w2_b``).
+
+:func:`linear_kron` is a linear layer plus its Kronecker delta, one autograd node on
+the C++ kernels (the delta added into the layer's output and gradient in place).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -267,3 +270,82 @@ def kron_linear(x: torch.Tensor, A: FactorLike, B: FactorLike, *, scale: float =
     Af, Bf = normalize_factor("A", A), normalize_factor("B", B)
     validate(x, Af, Bf, scale)
     return torch.ops.svdkernels.kron_linear(x, Af, Bf, float(scale))
+
+
+class _LinearKron(torch.autograd.Function):
+    """``F.linear(x, weight, bias) + kron_linear(x, A, B)`` as one node on the C++
+    kernels: the delta is added into the layer's output, and ``∂x`` of the delta into
+    ``G·weight``, so neither pass makes an activation-sized temporary or an extra
+    pass to sum the two (:func:`linear_kron`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, n_A, *factors):
+        A, B = list(factors[:n_A]), list(factors[n_A:])
+        x2 = _flat(x).contiguous()
+        y = torch.nn.functional.linear(x2, weight, bias)
+        cpp_backend.add_(y, x2, A, B, scale)
+        ctx.save_for_backward(x2, weight, *factors)
+        ctx.scale, ctx.n_A, ctx.has_bias, ctx.x_shape = scale, n_A, bias is not None, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, weight, *factors = ctx.saved_tensors
+        A, B = factors[: ctx.n_A], factors[ctx.n_A:]
+        needs = ctx.needs_input_grad
+        needs_A, needs_B = any(needs[5: 5 + ctx.n_A]), any(needs[5 + ctx.n_A:])
+        g2 = _flat(grad_y).contiguous()
+        gx = gW = gb = None
+        if needs[0]:
+            gx = g2 @ weight
+            gA, gB = cpp_backend.backward_add_(gx, g2, x2, A, B, ctx.scale, needs_A, needs_B)
+            gx = gx.view(ctx.x_shape)
+        else:
+            _, gA, gB = cpp_backend.backward(g2, x2, A, B, ctx.scale, (False, needs_A, needs_B))
+        if needs[1]:
+            gW = g2.T @ x2
+        if needs[2] and ctx.has_bias:
+            gb = g2.sum(0)
+        return (gx, gW, gb, None, None, *(gA if needs_A else [None] * len(A)), *(gB if needs_B else [None] * len(B)))
+
+
+def linear_kron(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: FactorLike, B: FactorLike, *,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + scale · x @ (Σ_i A_i ⊗ B_i)ᵀ``: a linear layer plus its
+    Kronecker adapter (:class:`svdkernels.adapters.KronLinear`'s forward).
+
+    Where the C++ kernels take the call (float32 CPU tensors, eager, the ``cpp``
+    backend selected) the two run as one autograd node: the delta is added into the
+    layer's output in place, and in the backward ``∂x`` of the delta is added into
+    ``grad_y·weight``, so no activation-sized temporary is made and no extra pass sums
+    the two. Anywhere else it is ``F.linear(...)`` plus :func:`kron_linear`.
+
+    Args:
+        x: ``[..., in]``; weight: ``[out, in]``; bias: ``[out]`` or ``None``.
+        A, B: as :func:`kron_linear` (``out = a1·b1``, ``in = a2·b2``).
+        scale: multiplies the delta.
+
+    Returns:
+        ``y [..., out]``, differentiable in every tensor argument.
+    """
+    Af, Bf = normalize_factor("A", A), normalize_factor("B", B)
+    validate(x, Af, Bf, scale)
+    _, a1, _ = factor_dims("A", Af)
+    _, b1, _ = factor_dims("B", Bf)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or tuple(weight.shape) != (a1 * b1, x.shape[-1]):
+        got = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight: expected shape [a1*b1, in] = [{a1 * b1}, {x.shape[-1]}], got {got}")
+    tensors = [x, weight, *Af, *Bf] + ([bias] if bias is not None else [])
+    fused = (
+        not torch.compiler.is_compiling()
+        # Plain float32 CPU tensors only: subclasses (DTensor, fake tensors) take the ops.
+        and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == torch.float32
+                and t.device.type == "cpu" for t in tensors)
+        and _backend(x) == "cpp"
+    )
+    if not fused:
+        # In place: F.linear does not save its output for backward.
+        return torch.nn.functional.linear(x, weight, bias).add_(torch.ops.svdkernels.kron_linear(x, Af, Bf, float(scale)))
+    return _LinearKron.apply(x, weight, bias, float(scale), len(Af), *Af, *Bf)
