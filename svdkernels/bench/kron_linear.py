@@ -32,6 +32,7 @@ from torch import nn
 
 from svdkernels.adapters import load_lokr
 from svdkernels.backends import select_backend, use_backend
+from svdkernels.ops.kron_linear_cpp import use_lowrank_b
 from svdkernels.bench import Row, bench_device, device_peaks, register, roofline_row, table_peaks, time_fn
 
 
@@ -140,14 +141,20 @@ def bench_kron_linear(quick: bool, repeats: int) -> Iterator[Row | str]:
         # The Kronecker part of the forward pass alone: read x, write y, read the factors.
         A, B = layer.factor("A"), layer.factor("B")
         (a1, a2), (b1, b2) = layer.a_shape, layer.b_shape
-        flops = 2 * wl.tokens * a2 * b1 * (b2 + a1)
+        flops = 2 * wl.tokens * a2 * b1 * (b2 + a1)  # the dense product (the Triton kernel's)
+        if device.type == "cpu" and not isinstance(B, torch.Tensor) and use_lowrank_b([A] if isinstance(
+                A, torch.Tensor) else list(A), list(B)):
+            # The C++ kernels take a low-rank B through its rank k.
+            flops_here = 2 * wl.tokens * layer.num_terms * B[0].shape[-1] * (a2 * b2 + a1 * a2 + a1 * b1)
+        else:
+            flops_here = flops
         factor_elems = sum(t.numel() for f in (A, B) for t in ((f,) if isinstance(f, torch.Tensor) else f))
         elems = wl.tokens * 2 * wl.d + factor_elems
         with torch.no_grad():
             from svdkernels import kron_linear
 
             t_kron = _time(lambda: kron_linear(x, A, B, scale=layer.scale), repeats)
-        yield roofline_row(f"{wl.name} fwd", t_kron, elems * x.element_size(), {x.dtype: flops}, peaks,
+        yield roofline_row(f"{wl.name} fwd", t_kron, elems * x.element_size(), {x.dtype: flops_here}, peaks,
                            what=f"kron_linear alone, measured {t_kron * 1e3:.2f} ms")
         gpu = table_peaks("H100")
         gpu_row = roofline_row(f"{wl.name} fwd", t_kron, elems * 2, {torch.bfloat16: flops}, gpu)
