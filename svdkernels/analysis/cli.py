@@ -81,6 +81,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=10, metavar="K",
                         help="intruders: top singular vectors tested; gradients: top values kept (default 10)")
     parser.add_argument("--eps", type=float, default=0.5, help="intruders: cosine threshold (default 0.5)")
+    parser.add_argument("--rtol", type=float, default=None, metavar="R",
+                        help="spectra: every value within R relative (1e-6 <= R < 1), in float32 wherever a "
+                             "rounding bound certifies it (default: exact, float64)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
 
 
@@ -91,6 +94,8 @@ def run(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
             error(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
     if not 0 < args.eps <= 1:
         error(f"--eps: expected a number in (0, 1], got {args.eps}")
+    if args.rtol is not None and not 1e-6 <= args.rtol < 1:
+        error(f"--rtol: expected a number in [1e-6, 1), got {args.rtol}")
     if args.what == "intruders" and not args.against:
         error("--against: intruders needs the fine-tuned model: --against PATH (the base is --model)")
     if args.text is not None and not args.text.is_file():
@@ -227,7 +232,7 @@ def _spectra(args, model, model_dir, causal, against, device, bar):
     from svdkernels.analysis import effective_rank, linear_modules, spectra, stable_rank
 
     bar.reset(total=len(linear_modules(model)))
-    S = {n: s.cpu() for n, s in spectra(model, progress=bar.update).items()}  # plots and JSON read host memory
+    S = {n: s.cpu() for n, s in spectra(model, rtol=args.rtol, progress=bar.update).items()}  # host memory: plots, JSON
     layers = {}
     for name, s in S.items():
         w = dict(model.named_modules())[name].weight
@@ -252,7 +257,7 @@ def _spectra(args, model, model_dir, causal, against, device, bar):
             ax.legend(fontsize=6)
         _save(plt, fig, path)
 
-    return {"layers": layers}, plot
+    return {"rtol": args.rtol, "layers": layers}, plot
 
 
 def _intruders(args, model, model_dir, causal, against, device, bar):

@@ -74,6 +74,20 @@ def test_spectra_writes_json_and_png(tmp_path: Path, capsys) -> None:
     assert math.isclose(entry["effective_rank"], float((-(p * p.log()).sum()).exp()), rel_tol=1e-5)
 
 
+def test_spectra_rtol_and_its_check(tmp_path: Path, capsys) -> None:
+    proc = analyze("spectra", "--rtol", "1e-3", "--out", str(tmp_path), capsys=capsys)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = read(tmp_path, "spectra")
+    assert doc["rtol"] == 1e-3
+    weights = minilm_linear_weights()
+    for name in ("encoder.layer.0.attention.self.query", "encoder.layer.5.output.dense"):
+        got = torch.tensor(doc["layers"][name]["singular_values"], dtype=torch.float64)
+        want = torch.linalg.svdvals(weights[name + ".weight"].double())
+        assert float(((got - want).abs() / want).max()) <= 1e-3, name
+    proc = analyze("spectra", "--rtol", "1", "--out", str(tmp_path), capsys=capsys)
+    assert proc.returncode != 0 and "--rtol: expected a number in [1e-6, 1), got 1.0" in proc.stderr
+
+
 def test_heads_as_a_subprocess_and_mnn(tmp_path: Path, capsys) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "svdkernels", "analyze", "heads", "--kind", "k", "--out", str(tmp_path)]
