@@ -186,9 +186,15 @@ def _name(m: int, n: int, k: int) -> str:
     return f"rsvd_sharded [{m},{n}] k={k}"
 
 
+def worlds(quick: bool) -> tuple[int, ...]:
+    """Process counts of the rsvd rows: 1, 2 and 4 (quick, the test suite's smoke run:
+    1 and 2; four processes on two cores cost that run a quarter of its time)."""
+    return (1, 2) if quick else (1, 2, 4)
+
+
 def rsvd_rows(quick: bool, repeats: int) -> Iterator[Row | str]:
     """Sharded rsvd on 1, 2 and 4 processes (1 thread each) for every workload."""
-    for world in (1, 2, 4):
+    for world in worlds(quick):
         yield f"rsvd_sharded on {world} process(es)"
         one = measure(1, 1, quick, repeats)
         for i, ((m, n, k), res) in enumerate(zip(shapes(quick), measure(world, 1, quick, repeats))):
@@ -225,19 +231,20 @@ def comm_model(payload: int, calls: int, ranks: int, alpha: float, beta: float) 
 
 def model_rows(quick: bool, repeats: int) -> Iterator[Row | str]:
     """The communication of one call at 8..1024 ranks, from the counted formula and the
-    latency and per-byte cost measured on the 4-process run's loopback."""
+    latency and per-byte cost measured on the largest run's loopback (4 processes; quick: 2)."""
     yield "communication model"
     for i, (m, n, k) in enumerate(shapes(quick)):
-        res = measure(4, 1, quick, repeats)[i]
+        world = worlds(quick)[-1]
+        res = measure(world, 1, quick, repeats)[i]
         alpha, beta = res["alpha_beta"]
         for ranks in (8, 32, 128, 512, 1024):
             c = comm_model(res["formula"], res["calls"], ranks, alpha, beta)
             yield Row(workload=_name(m, n, k) + " model", method=f"{ranks} ranks",
                       time_ms=c["latency ms"] + c["bandwidth ms"], errors=c,
-                      note=f"alpha {alpha * 1e6:.0f} us, beta {beta * 1e9:.2f} ns/B (loopback, 4 procs)")
+                      note=f"alpha {alpha * 1e6:.0f} us, beta {beta * 1e9:.2f} ns/B (loopback, {world} procs)")
 
 
-@register("distributed", count=lambda quick: 17, legend=LEGEND)  # the headings rows yield
+@register("distributed", count=lambda quick: 14 if quick else 17, legend=LEGEND)  # the headings rows yield
 def bench_distributed(quick: bool, repeats: int) -> Iterator[Row | str]:
     """The family: rsvd rows, the threads comparison, the communication model, and one
     LowRankAdamW step with refresh of the small Llama (``distributed_optim.py``)."""
