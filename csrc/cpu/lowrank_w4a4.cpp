@@ -627,7 +627,7 @@ void run_gemm(int64_t isa, const GemmArgs<T>& a) {
       return;
     }
 #endif
-    std::vector<float> ws(a.Gs, 0.f);  // this row's scales in float32, zero-padded
+    std::vector<float> ws(a.G);  // this row's scales in float32
     for (int64_t n = bb * kRowBlock; n < n_end; ++n) {
       for (int64_t g = 0; g < a.G; ++g) ws[g] = to_float(a.scales[n * a.G + g]);
       rows_generic(a, ws.data(), n);
