@@ -48,7 +48,7 @@ TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
   m.def(
       "_cpp_lowrank_w4a4_gemm(Tensor xq, Tensor xscale, Tensor qweight, Tensor scales, Tensor lowrank_act, "
       "Tensor L_up, Tensor? bias, bool unsigned, int isa=-1) -> Tensor");
-  // The two in one call (bit-identical to them): y [M, N] in the dtype of x.
+  // The two in one call (bit-identical to them): x [..., K] -> y [..., N] in the dtype of x.
   m.def(
       "_cpp_lowrank_w4a4_linear(Tensor x, Tensor smooth, Tensor L_down, Tensor qweight, Tensor scales, "
       "Tensor L_up, Tensor? bias, bool unsigned, int isa=-1) -> Tensor");

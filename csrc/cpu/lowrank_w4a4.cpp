@@ -918,14 +918,20 @@ at::Tensor lowrank_w4a4_gemm(const at::Tensor& xq, const at::Tensor& xscale, con
 at::Tensor lowrank_w4a4_linear(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& L_down,
                                const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& L_up,
                                const std::optional<at::Tensor>& bias, bool is_unsigned, int64_t isa) {
-  check_linear(x, smooth, L_down, qweight, scales, L_up, bias, c10::DeviceType::CPU);
+  // x [..., K] (the layer's call takes no reshapes in Python: each costs as much
+  // as a small layer's quantiser)
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected shape [..., K], got ", x.sizes());
+  const at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});
+  check_linear(x2, smooth, L_down, qweight, scales, L_up, bias, c10::DeviceType::CPU);
   isa = resolve_isa(isa);
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), R = L_down.size(0);
+  const int64_t M = x2.size(0), K = x2.size(1), N = qweight.size(0), R = L_down.size(0);
   const int64_t G = K / kGroup;
-  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  const at::Tensor x32 = x2.to(at::kFloat).contiguous();
   const at::Tensor s32 = smooth.to(at::kFloat).contiguous();
   check_smooth(s32.data_ptr<float>(), K);
-  at::Tensor y = at::empty({M, N}, x.options());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
   if (M == 0 || N == 0) return y;
   Workspace w(M, G, R, x.options());
   const float* xp = x32.data_ptr<float>();
@@ -978,10 +984,14 @@ at::Tensor lowrank_w4a4_gemm_meta(const at::Tensor& xq, const at::Tensor& xscale
 at::Tensor lowrank_w4a4_linear_meta(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& L_down,
                                     const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& L_up,
                                     const std::optional<at::Tensor>& bias, bool, int64_t) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected shape [..., K], got ", x.sym_sizes());
   if (!symbolic({&x, &smooth, &L_down, &qweight, &scales, &L_up})) {
-    check_linear(x, smooth, L_down, qweight, scales, L_up, bias, c10::DeviceType::Meta);
+    check_linear(x.dim() == 2 ? x : x.reshape({-1, x.size(-1)}), smooth, L_down, qweight, scales, L_up, bias,
+                 c10::DeviceType::Meta);
   }
-  return at::empty_symint({x.sym_size(0), qweight.sym_size(0)}, x.options());
+  std::vector<c10::SymInt> shape = x.sym_sizes().vec();
+  shape.back() = qweight.sym_size(0);
+  return at::empty_symint(shape, x.options());
 }
 
 }  // namespace

@@ -121,7 +121,7 @@ def test_internal_op_errors():
     cases = [
         (ValueError, "isa: expected -1 \\(auto\\) or 0", dict(isa=9)),
         (TypeError, "x: expected dtype float32, float16 or bfloat16", dict(x=x.double())),
-        (ValueError, "x: expected shape \\[M, K\\] \\(2-D\\)", dict(x=x[0])),
+        (ValueError, "x: expected shape \\[..., K\\], got \\[\\]", dict(x=x[0, 0])),
         (ValueError, "x: expected K a positive multiple of 64", dict(x=x[:, :96])),
         (ValueError, "smooth: expected shape \\[K\\]", dict(smooth=smooth[:64])),
         (ValueError, "smooth: expected finite factors > 0, got 0", dict(smooth=smooth.clone().index_fill_(0, torch.tensor([5]), 0))),
@@ -141,8 +141,23 @@ def test_internal_op_errors():
             call(**kw)
 
 
+def test_any_leading_dims():
+    # x [..., K] -> y [..., N], as the pair on the flattened tokens.
+    x, smooth, L_down, qweight, scales, L_up, bias = layer(6, 24, 128, 16, torch.float32, False)
+    y2 = LINEAR(x, smooth, L_down, qweight, scales, L_up, bias, False, -1)
+    for shape in ((2, 3, 128), (1, 6, 128), (6, 1, 1, 128)):
+        y = LINEAR(x.reshape(shape), smooth, L_down, qweight, scales, L_up, bias, False, -1)
+        assert y.shape == (*shape[:-1], 24) and torch.equal(y.reshape(6, 24), y2)
+    assert torch.equal(LINEAR(x[2], smooth, L_down, qweight, scales, L_up, bias, False, -1), y2[2])
+    assert LINEAR(x[:0].reshape(0, 5, 128), smooth, L_down, qweight, scales, L_up, bias, False, -1).shape == (0, 5, 24)
+    strided = torch.randn(128, 6).T  # a non-contiguous x
+    assert torch.equal(LINEAR(strided, smooth, L_down, qweight, scales, L_up, bias, False, -1),
+                       LINEAR(strided.contiguous(), smooth, L_down, qweight, scales, L_up, bias, False, -1))
+
+
 def test_opcheck_internal_op():
     x, smooth, L_down, qweight, scales, L_up, bias = layer(3, 24, 128, 16, torch.bfloat16, True)
     torch.library.opcheck(LINEAR, (x, smooth, L_down, qweight, scales, L_up, bias, True, -1))
+    torch.library.opcheck(LINEAR, (x.reshape(1, 3, 128), smooth, L_down, qweight, scales, L_up, bias, True, -1))
     torch.library.opcheck(LINEAR, (x.float(), smooth, L_down[:0].float(), qweight, scales.float(),
                                    L_up[:, :0].float(), None, False, 0))
