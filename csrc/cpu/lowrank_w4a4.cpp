@@ -47,6 +47,7 @@
 #include <cstring>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -706,10 +707,10 @@ void check_2d(const at::Tensor& t, const char* name, at::IntArrayRef shape, bool
   if (contiguous) TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor");
 }
 
-void check_quantize(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& L_down, c10::DeviceType dev) {
+// x [..., K] (at least 1-D), smooth and L_down.
+void check_act(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& L_down, c10::DeviceType dev) {
   check_float_dtype(x, "x");
-  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected shape [M, K] (2-D), got ", x.sizes());
-  const int64_t K = x.size(1);
+  const int64_t K = x.size(-1);
   TORCH_CHECK_VALUE(K > 0 && K % kGroup == 0, "x: expected K a positive multiple of 64, got K = ", K);
   check_float_dtype(smooth, "smooth");
   TORCH_CHECK_VALUE(smooth.sizes() == at::IntArrayRef({K}), "smooth: expected shape [K] = [", K, "], got ",
@@ -722,6 +723,12 @@ void check_quantize(const at::Tensor& x, const at::Tensor& smooth, const at::Ten
   check_device(x, "x", dev);
   check_device(smooth, "smooth", dev);
   check_device(L_down, "L_down", dev);
+}
+
+void check_quantize(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& L_down, c10::DeviceType dev) {
+  check_float_dtype(x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected shape [M, K] (2-D), got ", x.sizes());
+  check_act(x, smooth, L_down, dev);
 }
 
 // qweight [N, K/2] uint8, scales [N, K/64] of `dtype`, L_up [N, R], bias [N];
@@ -778,8 +785,9 @@ void check_gemm(const at::Tensor& xq, const at::Tensor& xscale, const at::Tensor
 void check_linear(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& L_down, const at::Tensor& qweight,
                   const at::Tensor& scales, const at::Tensor& L_up, const std::optional<at::Tensor>& bias,
                   c10::DeviceType dev) {
-  check_quantize(x, smooth, L_down, dev);
-  check_weights(qweight, scales, L_up, bias, x.size(1), L_down.size(0), x.scalar_type(), "that of x", dev);
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected shape [..., K], got ", x.sizes());
+  check_act(x, smooth, L_down, dev);
+  check_weights(qweight, scales, L_up, bias, x.size(-1), L_down.size(0), x.scalar_type(), "that of x", dev);
 }
 
 int64_t resolve_isa(int64_t isa) {
@@ -805,14 +813,13 @@ void for_dtype(at::ScalarType dtype, F&& f) {
 // weight bytes), xcorr [M, G] = 8·Σq per group (the AVX2 offset), xscale [M, G]
 // and lowrank_act [M, R] (when the call computes it).
 struct Workspace {
-  at::Tensor buf;
+  std::unique_ptr<uint8_t[]> buf;  // not an at::Tensor: no dispatcher call per layer call
   int8_t* xs8;
   int32_t* xcorr;
   float* xscale;
   float* la;
-  Workspace(int64_t M, int64_t G, int64_t R, const at::TensorOptions& opt)
-      : buf(at::empty({M * G * (kGroup + 8) + M * R * 4}, opt.dtype(at::kByte))) {
-    uint8_t* p = buf.data_ptr<uint8_t>();
+  Workspace(int64_t M, int64_t G, int64_t R) : buf(new uint8_t[M * G * (kGroup + 8) + M * R * 4]) {
+    uint8_t* p = buf.get();
     xs8 = reinterpret_cast<int8_t*>(p);
     xcorr = reinterpret_cast<int32_t*>(p + M * G * kGroup);
     xscale = reinterpret_cast<float*>(p + M * G * (kGroup + 4));
@@ -887,7 +894,7 @@ at::Tensor lowrank_w4a4_gemm(const at::Tensor& xq, const at::Tensor& xscale, con
   at::Tensor y = at::empty({M, N}, scales.options());
   if (M == 0 || N == 0) return y;
   // The packed activations once per call into the GEMM's layout.
-  Workspace w(M, G, 0, xq.options());
+  Workspace w(M, G, 0);
   {
     const at::Tensor xqc = xq.contiguous();
     const at::Tensor xscc = xscale.contiguous();
@@ -912,30 +919,35 @@ at::Tensor lowrank_w4a4_gemm(const at::Tensor& xq, const at::Tensor& xscale, con
   return y;
 }
 
+// t's data as contiguous (row-major) float32: t's own, or a converted copy kept in `hold`.
+const float* float32_data(const at::Tensor& t, at::Tensor& hold) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t.data_ptr<float>();
+  hold = t.to(at::kFloat).contiguous();
+  return hold.data_ptr<float>();
+}
+
 // lowrank_quantize_act then lowrank_w4a4_gemm in one call, bit-identical to the
 // two: the same quantiser operations (written straight into the GEMM's int8
 // layout: no nibble packing and unpacking), the same down projection and GEMM.
 at::Tensor lowrank_w4a4_linear(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& L_down,
                                const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& L_up,
                                const std::optional<at::Tensor>& bias, bool is_unsigned, int64_t isa) {
-  // x [..., K] (the layer's call takes no reshapes in Python: each costs as much
-  // as a small layer's quantiser)
-  TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected shape [..., K], got ", x.sizes());
-  const at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});
-  check_linear(x2, smooth, L_down, qweight, scales, L_up, bias, c10::DeviceType::CPU);
+  // x [..., K], read in place when it is float32 and contiguous: a model's layer
+  // call then makes no tensor operation but y's allocation (in MiniLM's evaluation,
+  // with the layer's code out of cache, each one cost several us).
+  check_linear(x, smooth, L_down, qweight, scales, L_up, bias, c10::DeviceType::CPU);
   isa = resolve_isa(isa);
-  const int64_t M = x2.size(0), K = x2.size(1), N = qweight.size(0), R = L_down.size(0);
+  const int64_t K = x.size(-1), M = x.numel() / K, N = qweight.size(0), R = L_down.size(0);
   const int64_t G = K / kGroup;
-  const at::Tensor x32 = x2.to(at::kFloat).contiguous();
-  const at::Tensor s32 = smooth.to(at::kFloat).contiguous();
-  check_smooth(s32.data_ptr<float>(), K);
+  at::Tensor x_hold, s_hold;
+  const float* xp = float32_data(x, x_hold);  // [M, K] row-major whatever x's dims
+  const float* sp = float32_data(smooth, s_hold);
+  check_smooth(sp, K);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   at::Tensor y = at::empty(shape, x.options());
   if (M == 0 || N == 0) return y;
-  Workspace w(M, G, R, x.options());
-  const float* xp = x32.data_ptr<float>();
-  const float* sp = s32.data_ptr<float>();
+  Workspace w(M, G, R);
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t mb, int64_t me) {
     for (int64_t m = mb; m < me; ++m) {
 #if SVDK_X86
@@ -986,8 +998,7 @@ at::Tensor lowrank_w4a4_linear_meta(const at::Tensor& x, const at::Tensor& smoot
                                     const std::optional<at::Tensor>& bias, bool, int64_t) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected shape [..., K], got ", x.sym_sizes());
   if (!symbolic({&x, &smooth, &L_down, &qweight, &scales, &L_up})) {
-    check_linear(x.dim() == 2 ? x : x.reshape({-1, x.size(-1)}), smooth, L_down, qweight, scales, L_up, bias,
-                 c10::DeviceType::Meta);
+    check_linear(x, smooth, L_down, qweight, scales, L_up, bias, c10::DeviceType::Meta);
   }
   std::vector<c10::SymInt> shape = x.sym_sizes().vec();
   shape.back() = qweight.sym_size(0);
