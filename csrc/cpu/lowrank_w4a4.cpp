@@ -360,7 +360,7 @@ struct Tile8 {
 // reduce8 as a vector over the rows, and the float32 epilogue runs 8 rows per
 // instruction:
 //   y[rows] = Σ_g sum_g·(xscale·scale_g)   (group by group: the reference's sequence)
-//           + Σ_j la[m, j]·L_up[rows, j]   (4 interleaved chains, then (c0+c1)+(c2+c3))
+//           + Σ_j la[m, j]·L_up[rows, j]   (2 FMA chains, even and odd j, then c0 + c1)
 //           + bias.
 // Rows past N get zero scales, L_up and bias and are not stored, so every row is
 // computed alike whatever N and the blocking.
@@ -402,14 +402,14 @@ SVDK_AVX2 void tile8_avx2(const GemmArgs<T>& a, int64_t n0, Tile8& s) {
       y = _mm256_add_ps(y, term);
     }
     if (R > 0) {
-      __m256 c[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      __m256 c[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
       const float* la = a.la + m * R;
-      for (int64_t j = 0; j < R; j += 4) {  // R is a multiple of 16
-        SVDK_UNROLL for (int i = 0; i < 4; ++i) {
+      for (int64_t j = 0; j < R; j += 2) {  // R is a multiple of 16
+        SVDK_UNROLL for (int i = 0; i < 2; ++i) {
           c[i] = _mm256_fmadd_ps(_mm256_set1_ps(la[j + i]), _mm256_loadu_ps(s.lu.data() + (j + i) * 8), c[i]);
         }
       }
-      y = _mm256_add_ps(y, _mm256_add_ps(_mm256_add_ps(c[0], c[1]), _mm256_add_ps(c[2], c[3])));
+      y = _mm256_add_ps(y, _mm256_add_ps(c[0], c[1]));
     }
     if (a.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(s.b.data()));
     alignas(32) float v[8];
@@ -437,7 +437,7 @@ SVDK_AVX2 void tile8_avx2(const GemmArgs<T>& a, int64_t n0, Tile8& s) {
 // exact; minus 8·Σqx it is the group's integer sum, as in tile8_avx2.
 //
 // The float32 epilogue is tile8_avx2's, operation for operation, on 8-row
-// vectors (y += sum·(xscale·scale) group by group, then the 4-chain low-rank dot
+// vectors (y += sum·(xscale·scale) group by group, then the 2-chain low-rank dot
 // and the bias), so a row's result does not depend on which of the two paths ran
 // it, nor on M or the token blocking.
 
@@ -535,6 +535,46 @@ struct Tile16 {
       : ws(G * 16), lu(R * 16), b(16), acc(kColumnChunk * 16), zero(K / 2) {}
 };
 
+// y of tokens m0 .. m0+TM-1 on rows n0 .. n0+15 from their accumulators acc
+// [TM][16]: + the low-rank dot (tile8_avx2's 2 chains) + bias, stored to rows < N.
+template <int TM, typename T>
+SVDK_AVX2 inline void column_epilogue(const GemmArgs<T>& a, int64_t m0, int64_t n0, int64_t rows, const Tile16& s,
+                                      const float* acc) {
+  const int64_t R = a.R;
+  __m256 y[TM][2];
+  SVDK_UNROLL for (int t = 0; t < TM; ++t) {
+    SVDK_UNROLL for (int h = 0; h < 2; ++h) y[t][h] = _mm256_loadu_ps(acc + t * 16 + 8 * h);
+  }
+  if (R > 0) {
+    __m256 c[TM][2][2];
+    SVDK_UNROLL for (int t = 0; t < TM; ++t) {
+      SVDK_UNROLL for (int h = 0; h < 2; ++h) c[t][h][0] = c[t][h][1] = _mm256_setzero_ps();
+    }
+    for (int64_t j = 0; j < R; j += 2) {
+      SVDK_UNROLL for (int i = 0; i < 2; ++i) {
+        const __m256 lu0 = _mm256_loadu_ps(s.lu.data() + (j + i) * 16);
+        const __m256 lu1 = _mm256_loadu_ps(s.lu.data() + (j + i) * 16 + 8);
+        SVDK_UNROLL for (int t = 0; t < TM; ++t) {
+          const __m256 l = _mm256_set1_ps(a.la[(m0 + t) * R + j + i]);
+          c[t][0][i] = _mm256_fmadd_ps(l, lu0, c[t][0][i]);
+          c[t][1][i] = _mm256_fmadd_ps(l, lu1, c[t][1][i]);
+        }
+      }
+    }
+    SVDK_UNROLL for (int t = 0; t < TM; ++t) {
+      SVDK_UNROLL for (int h = 0; h < 2; ++h) y[t][h] = _mm256_add_ps(y[t][h], _mm256_add_ps(c[t][h][0], c[t][h][1]));
+    }
+  }
+  SVDK_UNROLL for (int t = 0; t < TM; ++t) {
+    alignas(32) float v[16];
+    SVDK_UNROLL for (int h = 0; h < 2; ++h) {
+      if (a.bias) y[t][h] = _mm256_add_ps(y[t][h], _mm256_loadu_ps(s.b.data() + 8 * h));
+      _mm256_store_ps(v + 8 * h, y[t][h]);
+    }
+    for (int64_t r = 0; r < rows; ++r) a.y[(m0 + t) * a.N + n0 + r] = static_cast<T>(v[r]);
+  }
+}
+
 // Rows n0 .. n0+15 (those below N) x every token, the column way.
 template <typename T>
 SVDK_AVX2 void tile16_columns_avx2(const GemmArgs<T>& a, int64_t n0, Tile16& s) {
@@ -577,35 +617,13 @@ SVDK_AVX2 void tile16_columns_avx2(const GemmArgs<T>& a, int64_t n0, Tile16& s) 
         default: break;
       }
     }
-    // tile8_avx2's epilogue, on both halves of the 16 rows at once (8 FMA chains:
-    // 4 would wait on the FMA latency).
-    for (int64_t m = c0; m < c1; ++m) {
-      alignas(32) float v[16];
-      __m256 y[2] = {_mm256_loadu_ps(acc + (m - c0) * 16), _mm256_loadu_ps(acc + (m - c0) * 16 + 8)};
-      if (R > 0) {
-        __m256 c[2][4];
-        SVDK_UNROLL for (int h = 0; h < 2; ++h) {
-          SVDK_UNROLL for (int i = 0; i < 4; ++i) c[h][i] = _mm256_setzero_ps();
-        }
-        const float* la = a.la + m * R;
-        for (int64_t j = 0; j < R; j += 4) {
-          SVDK_UNROLL for (int i = 0; i < 4; ++i) {
-            const __m256 l = _mm256_set1_ps(la[j + i]);
-            SVDK_UNROLL for (int h = 0; h < 2; ++h) {
-              c[h][i] = _mm256_fmadd_ps(l, _mm256_loadu_ps(s.lu.data() + (j + i) * 16 + 8 * h), c[h][i]);
-            }
-          }
-        }
-        SVDK_UNROLL for (int h = 0; h < 2; ++h) {
-          y[h] = _mm256_add_ps(y[h], _mm256_add_ps(_mm256_add_ps(c[h][0], c[h][1]), _mm256_add_ps(c[h][2], c[h][3])));
-        }
-      }
-      SVDK_UNROLL for (int h = 0; h < 2; ++h) {
-        if (a.bias) y[h] = _mm256_add_ps(y[h], _mm256_loadu_ps(s.b.data() + 8 * h));
-        _mm256_store_ps(v + 8 * h, y[h]);
-      }
-      for (int64_t r = 0; r < rows; ++r) a.y[m * a.N + n0 + r] = static_cast<T>(v[r]);
-    }
+    // tile8_avx2's epilogue, 3 tokens x 16 rows at a time: 12 FMA chains, each
+    // L_up vector loaded once for 3 tokens (one token at a time waited on the
+    // loads and the FMA latency).
+    int64_t m = c0;
+    for (; m + 3 <= c1; m += 3) column_epilogue<3>(a, m, n0, rows, s, acc + (m - c0) * 16);
+    if (c1 - m == 2) column_epilogue<2>(a, m, n0, rows, s, acc + (m - c0) * 16);
+    if (c1 - m == 1) column_epilogue<1>(a, m, n0, rows, s, acc + (m - c0) * 16);
   }
 }
 #endif  // SVDK_X86
