@@ -46,6 +46,7 @@
 #include <cmath>
 #include <cstring>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <tuple>
@@ -831,12 +832,18 @@ void for_dtype(at::ScalarType dtype, F&& f) {
 // weight bytes), xcorr [M, G] = 8·Σq per group (the AVX2 offset), xscale [M, G]
 // and lowrank_act [M, R] (when the call computes it).
 struct Workspace {
-  std::unique_ptr<uint8_t[]> buf;  // not an at::Tensor: no dispatcher call per layer call
+  // Not an at::Tensor (no dispatcher call per layer call); 64-byte aligned, as
+  // torch's allocator is (a 16-byte aligned one made decoding 20% slower: the
+  // activation loads then split cache lines).
+  std::unique_ptr<uint8_t, decltype(&std::free)> buf;
   int8_t* xs8;
   int32_t* xcorr;
   float* xscale;
   float* la;
-  Workspace(int64_t M, int64_t G, int64_t R) : buf(new uint8_t[M * G * (kGroup + 8) + M * R * 4]) {
+  Workspace(int64_t M, int64_t G, int64_t R)
+      : buf(static_cast<uint8_t*>(std::aligned_alloc(64, (M * G * (kGroup + 8) + M * R * 4 + 63) / 64 * 64)),
+            &std::free) {
+    TORCH_CHECK(buf != nullptr, "lowrank_w4a4: out of memory for the activation workspace");
     uint8_t* p = buf.get();
     xs8 = reinterpret_cast<int8_t*>(p);
     xcorr = reinterpret_cast<int32_t*>(p + M * G * kGroup);
