@@ -3,7 +3,9 @@
 - ``torch.ops.svdkernels.lowrank_w4a16_linear``: int4 weights, 16-bit activations;
 - ``torch.ops.svdkernels.lowrank_quantize_act`` and ``torch.ops.svdkernels.lowrank_w4a4_gemm``:
   the W4A4 pair, activation quantisation fused with the low-rank down projection,
-  and the int4 GEMM fused with the up projection.
+  and the int4 GEMM fused with the up projection;
+- ``torch.ops.svdkernels.lowrank_w4a4_linear``: the W4A4 pair in one call (a model's
+  layer call; on the CPU one C++ op, bit-identical to the pair).
 
 Schemas, fake (meta) implementations, input validation and backend dispatch. The
 math is in ``svdkernels/reference/lowrank_quant.py``; the packed formats in
@@ -14,7 +16,8 @@ run all three ops on the Triton kernels of ``svdkernels/triton/lowrank_quant.py`
 ``lowrank_w4a16_linear`` runs a C++ kernel (``csrc/cpu/lowrank_quant.cpp``, the
 internal op ``torch.ops.svdkernels._cpp_lowrank_w4a16_linear``) when
 ``svdkernels._C`` is built, and so do the W4A4 pair (``csrc/cpu/lowrank_w4a4.cpp``:
-``_cpp_lowrank_quantize_act``, ``_cpp_lowrank_w4a4_gemm``); without it, the reference.
+``_cpp_lowrank_quantize_act``, ``_cpp_lowrank_w4a4_gemm``, ``_cpp_lowrank_w4a4_linear``);
+without it, the reference.
 
 Every backend accumulates in float32 and is deterministic (no atomics).
 """
