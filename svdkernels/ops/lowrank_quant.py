@@ -10,7 +10,7 @@
 Schemas, fake (meta) implementations, input validation and backend dispatch. The
 math is in ``svdkernels/reference/lowrank_quant.py``; the packed formats in
 ``svdkernels/formats/int4.py``. Backends (``svdkernels/backends.py``): CUDA tensors
-run all three ops on the Triton kernels of ``svdkernels/triton/lowrank_quant.py``
+run these ops on the Triton kernels of ``svdkernels/triton/lowrank_quant.py``
 (int8 tensor cores, sm_80 and sm_90; on CPU tensors only when forced with
 ``use_backend("triton")`` under ``TRITON_INTERPRET=1``); on the CPU
 ``lowrank_w4a16_linear`` runs a C++ kernel (``csrc/cpu/lowrank_quant.cpp``, the
