@@ -60,6 +60,10 @@ TORCH_LIBRARY_FRAGMENT(svdkernels, m) {
   m.def(
       "_cpp_lowrank_w4a4_gemm(Tensor xq, Tensor xscale, Tensor qweight, Tensor scales, Tensor lowrank_act, "
       "Tensor L_up, Tensor? bias, bool unsigned, int isa=-1) -> Tensor");
+  // The two in one call (bit-identical to them): x [..., K] -> y [..., N] in the dtype of x.
+  m.def(
+      "_cpp_lowrank_w4a4_linear(Tensor x, Tensor smooth, Tensor L_down, Tensor qweight, Tensor scales, "
+      "Tensor L_up, Tensor? bias, bool unsigned, int isa=-1) -> Tensor");
 
   // lowrank_adam_step (csrc/cpu/lowrank_adam_step.cpp): one GaLore Adam step of a
   // float32/bfloat16 W, in place on W and the moments. isa as above (3 runs as 2).

@@ -13,7 +13,8 @@ each workload, in the same run:
   (bfloat16 activations, the same int4 residual and scales, no low-rank branch);
 - ours W4A4: ``lowrank_quantize_act`` + ``lowrank_w4a4_gemm`` (int4 activations,
   the same weight; its error includes the activations' int4 rounding), whose
-  target is at most 1.2x the W4A16 row's time;
+  target is at most 1.2x the W4A16 row's time; and the two in one call,
+  ``lowrank_w4a4_linear`` (the same result bit for bit);
 - ours on each SIMD instruction-set path the C++ kernel has on this CPU (forced
   with the internal op's ``isa``), with the bytes per second it reaches against
   the measured streaming bandwidth (a sum over 256 MiB);
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 
 from svdkernels.backends import select_backend
 from svdkernels.bench import Row, device_peaks, register, roofline, roofline_row, table_peaks, time_fn
+from svdkernels.ops.lowrank_quant import lowrank_w4a4_linear
 from svdkernels.quant import (
     dequantize_weight,
     lowrank_quantize_act,
@@ -168,6 +170,10 @@ def _run_w4a4(x: torch.Tensor, qweight, scales, smooth, L_down, L_up) -> torch.T
     return lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act=act, L_up=L_up)
 
 
+def _run_w4a4_fused(x: torch.Tensor, qweight, scales, smooth, L_down, L_up) -> torch.Tensor:
+    return lowrank_w4a4_linear(x, smooth, L_down, qweight, scales, L_up)
+
+
 def _run_isa(isa: int) -> Callable[..., torch.Tensor]:
     def run(x: torch.Tensor, qweight, scales, L_down, L_up) -> torch.Tensor:
         return torch.ops.svdkernels._cpp_lowrank_w4a16_linear(x, qweight, scales, L_down, L_up, None, isa)
@@ -210,6 +216,8 @@ METHODS = (
            note="bf16 act, int4, r=0"),
     Method("ours W4A4", "peer", _w4a4, _run_w4a4, torch.bfloat16,
            note="lowrank_quantize_act + lowrank_w4a4_gemm, bf16 act quantised to int4 (error includes that)"),
+    Method("ours W4A4, one call", "peer", _w4a4, _run_w4a4_fused, torch.bfloat16,
+           note="lowrank_w4a4_linear: the pair fused (bit-identical), bf16 act quantised to int4"),
     Method("F.linear fp32", "peer", _dense(torch.float32), _run_dense, torch.float32, note="dequantised weight"),
     Method("F.linear bf16", "peer", _dense(torch.bfloat16), _run_dense, torch.bfloat16, note="dequantised weight"),
     Method("_weight_int4pack_mm_for_cpu", "peer", _int4pack, _run_int4pack, torch.bfloat16, branch=False,

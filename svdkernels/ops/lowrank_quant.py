@@ -3,18 +3,21 @@
 - ``torch.ops.svdkernels.lowrank_w4a16_linear``: int4 weights, 16-bit activations;
 - ``torch.ops.svdkernels.lowrank_quantize_act`` and ``torch.ops.svdkernels.lowrank_w4a4_gemm``:
   the W4A4 pair, activation quantisation fused with the low-rank down projection,
-  and the int4 GEMM fused with the up projection.
+  and the int4 GEMM fused with the up projection;
+- ``torch.ops.svdkernels.lowrank_w4a4_linear``: the W4A4 pair in one call (a model's
+  layer call; on the CPU one C++ op, bit-identical to the pair).
 
 Schemas, fake (meta) implementations, input validation and backend dispatch. The
 math is in ``svdkernels/reference/lowrank_quant.py``; the packed formats in
 ``svdkernels/formats/int4.py``. Backends (``svdkernels/backends.py``): CUDA tensors
-run all three ops on the Triton kernels of ``svdkernels/triton/lowrank_quant.py``
+run these ops on the Triton kernels of ``svdkernels/triton/lowrank_quant.py``
 (int8 tensor cores, sm_80 and sm_90; on CPU tensors only when forced with
 ``use_backend("triton")`` under ``TRITON_INTERPRET=1``); on the CPU
 ``lowrank_w4a16_linear`` runs a C++ kernel (``csrc/cpu/lowrank_quant.cpp``, the
 internal op ``torch.ops.svdkernels._cpp_lowrank_w4a16_linear``) when
 ``svdkernels._C`` is built, and so do the W4A4 pair (``csrc/cpu/lowrank_w4a4.cpp``:
-``_cpp_lowrank_quantize_act``, ``_cpp_lowrank_w4a4_gemm``); without it, the reference.
+``_cpp_lowrank_quantize_act``, ``_cpp_lowrank_w4a4_gemm``, ``_cpp_lowrank_w4a4_linear``);
+without it, the reference.
 
 Every backend accumulates in float32 and is deterministic (no atomics).
 """
@@ -582,3 +585,164 @@ def lowrank_w4a4_gemm(
     if not torch.compiler.is_compiling():
         return _dispatch_w4a4(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
     return torch.ops.svdkernels.lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
+
+
+# ---------------------------------------------------------------------------
+# lowrank_w4a4_linear: the pair in one call
+
+
+def validate_w4a4_linear(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    L_down: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    L_up: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument for any bad input: the
+    checks of :func:`lowrank_quantize_act`, then those of :func:`lowrank_w4a4_gemm`'s
+    weight operands, whose dtype is that of ``x``."""
+    validate_quantize_act(x, smooth, L_down)
+    K, r = x.shape[-1], L_down.shape[0]
+    why = "the dtype of x"
+    N = _check_weight(qweight, scales, K, x.dtype, why)
+    _check_L("L_up", L_up, (N, r), f"[N, r] with N = {N}, r = {r}", x.dtype, why)
+    _check_bias(bias, N, x.dtype, why)
+    _check_device(x.device, qweight=qweight, scales=scales, L_up=L_up, bias=bias)
+
+
+@torch.library.custom_op("svdkernels::_lowrank_w4a4_linear_dispatch", mutates_args=())
+def _w4a4_linear_dispatch_op(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    L_down: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    L_up: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    unsigned: bool,
+) -> torch.Tensor:
+    """Opaque to tracing: every backend of ``lowrank_w4a4_linear`` (inputs validated)."""
+    return _dispatch_w4a4_linear(x, smooth, L_down, qweight, scales, L_up, bias, unsigned)
+
+
+def _cpp_w4a4_linear(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    L_down: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    L_up: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    unsigned: bool,
+) -> torch.Tensor:
+    """The C++ op on ``x [..., K]`` (it checks everything it reads)."""
+    return _cpp_op("_cpp_lowrank_w4a4_linear")(x, smooth, L_down, qweight, scales, L_up, bias, unsigned, -1)
+
+
+def _dispatch_w4a4_linear(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    L_down: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    L_up: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    unsigned: bool,
+) -> torch.Tensor:
+    """Choose the backend of ``lowrank_w4a4_linear`` and run it (inputs validated):
+    the C++ fused op, or the composition of the pair on the other backends."""
+    backend = select_backend("lowrank_w4a4_linear", x.device, has_cpp=True)
+    if backend == "cpp":
+        return _cpp_w4a4_linear(x, smooth, L_down, qweight, scales, L_up, bias, unsigned)
+    check_smooth_values(smooth)
+    if backend == "triton":
+        xq, xscale, act = _triton().lowrank_quantize_act(x, smooth, L_down, unsigned)
+        return _triton().lowrank_w4a4_gemm(xq, xscale, qweight, scales, act, L_up, bias, unsigned)
+    return reference.lowrank_w4a4_linear(x, smooth, L_down, qweight, scales, L_up, bias, unsigned)
+
+
+@triton_op("svdkernels::lowrank_w4a4_linear", mutates_args=())
+def lowrank_w4a4_linear_op(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    L_down: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    L_up: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    unsigned: bool,
+) -> torch.Tensor:
+    """``torch.ops.svdkernels.lowrank_w4a4_linear``; see :func:`lowrank_w4a4_linear`
+    (a ``triton_op`` like ``lowrank_w4a16_linear``: compiled Triton kernels are
+    traced as the pair's two launches)."""
+    validate_w4a4_linear(x, smooth, L_down, qweight, scales, L_up, bias)
+    if traced_triton("lowrank_w4a4_linear", x.device, has_cpp=True):
+        check_smooth_values(smooth)
+        xq, xscale, act = _triton().lowrank_quantize_act(x, smooth, L_down, unsigned)
+        return _triton().lowrank_w4a4_gemm(xq, xscale, qweight, scales, act, L_up, bias, unsigned)
+    return torch.ops.svdkernels._lowrank_w4a4_linear_dispatch(x, smooth, L_down, qweight, scales, L_up, bias, unsigned)
+
+
+@_w4a4_linear_dispatch_op.register_fake
+def _(x, smooth, L_down, qweight, scales, L_up, bias, unsigned):
+    validate_w4a4_linear(x, smooth, L_down, qweight, scales, L_up, bias)
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def lowrank_w4a4_linear(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    L_down: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    L_up: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    unsigned: bool = False,
+) -> torch.Tensor:
+    """SVDQuant W4A4 linear layer (Li et al. 2024) in one call: :func:`lowrank_quantize_act`
+    then :func:`lowrank_w4a4_gemm`, with the same result bit for bit on every backend.
+
+    On the CPU with ``svdkernels._C`` built it is one C++ op (the activations are
+    quantised straight into the GEMM's operand layout, no intermediate tensors), and
+    its eager call skips the Python validation unless the C++ op rejects the input
+    (then the Python checks raise their usual message).
+
+    Args:
+        x: ``[..., K]`` activations, float32, float16 or bfloat16.
+        smooth: ``[K]`` smoothing factors ``λ`` (finite, > 0), any float dtype.
+        L_down: ``[r, K]`` low-rank down projection (``r`` a multiple of 16, ``0`` for
+            none), dtype of ``x``, contiguous; reads the unsmoothed ``x``.
+        qweight, scales: ``[N, K/2]`` uint8 and ``[N, K/64]`` (dtype of ``x``), from
+            :func:`svdkernels.quant.quantize_weight`; contiguous.
+        L_up: ``[N, r]``, dtype of ``x``, contiguous.
+        bias: ``[N]``, dtype of ``x``, or ``None`` (compensated with
+            :func:`svdkernels.quant.compensate_unsigned_bias` when ``unsigned``).
+        unsigned: quantise ``(x + 0.171875)/λ`` to unsigned int4 (after a GELU).
+
+    Returns:
+        ``y [..., N]`` in the dtype of ``x``.
+
+    Example::
+
+        y = svdkernels.quant.lowrank_w4a4_linear(x, smooth, L_down, qweight, scales, L_up, bias)
+    """
+    if type(unsigned) is not bool:
+        raise TypeError(f"unsigned: expected a bool, got {type(unsigned).__name__}")
+    if torch.compiler.is_compiling():
+        return torch.ops.svdkernels.lowrank_w4a4_linear(x, smooth, L_down, qweight, scales, L_up, bias, unsigned)
+    # Eager fast path, as little Python as possible (a model's forward pays it per
+    # layer, with its code out of cache: on MiniLM's evaluation this function cost
+    # ~20 us a call more than the bare C++ op, warm 7 us). The C++ op checks every
+    # argument it reads; the Python validation only runs to name a rejected
+    # argument in the pair's own words.
+    try:
+        if select_backend("lowrank_w4a4_linear", x.device, has_cpp=True) == "cpp":
+            return _cpp_op("_cpp_lowrank_w4a4_linear")(x, smooth, L_down, qweight, scales, L_up, bias, unsigned, -1)
+    except (AttributeError, RuntimeError, TypeError, ValueError, IndexError):
+        validate_w4a4_linear(x, smooth, L_down, qweight, scales, L_up, bias)
+        raise
+    validate_w4a4_linear(x, smooth, L_down, qweight, scales, L_up, bias)
+    return _dispatch_w4a4_linear(x, smooth, L_down, qweight, scales, L_up, bias, unsigned)

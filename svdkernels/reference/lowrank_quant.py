@@ -105,3 +105,20 @@ def lowrank_w4a4_gemm(
         y += group_sum * (xs[:, g, None] * ws[None, :, g])
     y = _add_bias(y + lowrank_act.reshape(qx.shape[0], lowrank_act.shape[-1]).float() @ L_up.float().T, bias)
     return y.to(scales.dtype).reshape(*lead, qw.shape[0])
+
+
+def lowrank_w4a4_linear(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    L_down: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    L_up: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    unsigned: bool,
+) -> torch.Tensor:
+    """SVDQuant W4A4 layer, ``y [..., N]`` in ``x.dtype``: :func:`lowrank_quantize_act`
+    of ``x [..., K]`` then :func:`lowrank_w4a4_gemm` (``scales``, ``L_up`` and ``bias``
+    in the dtype of ``x``)."""
+    xq, xscale, lowrank_act = lowrank_quantize_act(x, smooth, L_down, unsigned)
+    return lowrank_w4a4_gemm(xq, xscale, qweight, scales, lowrank_act, L_up, bias, unsigned)
