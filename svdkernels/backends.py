@@ -16,6 +16,7 @@ import time: the choice is made per call from the tensor's device.
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
 import os
 from collections.abc import Iterator
@@ -62,6 +63,7 @@ def requested_backend() -> str | None:
     return _check_name(env, f"environment variable {ENV_VAR}") if env else None
 
 
+@functools.cache  # asked on every op call: the answer does not change within a process
 def triton_available() -> bool:
     """True when the triton package can be imported (it is never imported at import time)."""
     try:
@@ -76,6 +78,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache  # as triton_available
 def cpp_available() -> bool:
     """True when the optional C++ extension ``svdkernels._C`` is built."""
     try:

@@ -5,7 +5,8 @@
   :func:`dequantize_act`, :func:`pack_int4`, :func:`unpack_int4`,
   :func:`compensate_unsigned_bias`, ``GROUP_SIZE``, ``UNSIGNED_SHIFT``.
 - Ops (``svdkernels/ops/lowrank_quant.py``): :func:`lowrank_w4a16_linear`,
-  :func:`lowrank_quantize_act`, :func:`lowrank_w4a4_gemm`.
+  :func:`lowrank_quantize_act`, :func:`lowrank_w4a4_gemm`, or both in one call,
+  :func:`lowrank_w4a4_linear`.
 - The layer (``linear.py``): :class:`LowRankQuantLinear` (``from_float``, ``merge_lora``).
 - Whole models (``model.py``, ``evaluate.py``; calibration in :mod:`svdkernels.calibration`): :func:`quantize_model` (SVDQuant
   with calibration, smoothing search and refinement), :func:`quantize_model_rtn`
@@ -26,7 +27,12 @@ from svdkernels.formats.int4 import (
     quantize_weight,
     unpack_int4,
 )
-from svdkernels.ops.lowrank_quant import lowrank_quantize_act, lowrank_w4a4_gemm, lowrank_w4a16_linear
+from svdkernels.ops.lowrank_quant import (
+    lowrank_quantize_act,
+    lowrank_w4a4_gemm,
+    lowrank_w4a4_linear,
+    lowrank_w4a16_linear,
+)
 from svdkernels.quant.linear import LowRankQuantLinear
 from svdkernels.quant.evaluate import layer_sqnr, sqnr_hooks
 from svdkernels.quant.model import (
@@ -43,6 +49,7 @@ __all__ = [
     *int4.__all__,
     "lowrank_quantize_act",
     "lowrank_w4a4_gemm",
+    "lowrank_w4a4_linear",
     "lowrank_w4a16_linear",
     "DEFAULT_ALPHAS",
     "DEFAULT_REFINE_ITERS",

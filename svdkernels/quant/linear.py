@@ -10,8 +10,9 @@ with per-input-channel smoothing factors ``λ [K]`` that move activation outlier
 into the weight, where the low-rank branch absorbs them. The layer computes
 
 - W4A4 (``acts="int4"``): ``y = deq(Q(x/λ))·deq(R̂)ᵀ + (x·L_downᵀ)·L_upᵀ + bias``
-  through :func:`svdkernels.quant.lowrank_quantize_act` and
-  :func:`svdkernels.quant.lowrank_w4a4_gemm`; ``L_down`` holds ``1/λ`` folded in,
+  through :func:`svdkernels.quant.lowrank_w4a4_linear` (bit for bit
+  :func:`~svdkernels.quant.lowrank_quantize_act` then
+  :func:`~svdkernels.quant.lowrank_w4a4_gemm`, one call); ``L_down`` holds ``1/λ`` folded in,
   so the down projection reads the unsmoothed ``x``. With ``unsigned=True``
   (inputs ``>= -0.171875``, e.g. after a GELU) the activations are quantised to
   unsigned int4 after a shift and ``bias`` is the compensated one
@@ -37,8 +38,7 @@ from torch import nn
 from svdkernels.errors import strict_kwargs
 from svdkernels.ops.lowrank_quant import (
     RANK_MULTIPLE,
-    lowrank_quantize_act,
-    lowrank_w4a4_gemm,
+    lowrank_w4a4_linear,
     lowrank_w4a16_linear,
     validate_quantize_act,
     validate_w4a16,
@@ -386,11 +386,9 @@ class LowRankQuantLinear(nn.Module):
         if self.acts is None:
             y = lowrank_w4a16_linear(xc, self.qweight, self.scales, L_down=self.L_down, L_up=self.L_up, bias=self.bias)
         else:
-            xq, xscale, lowrank_act = lowrank_quantize_act(xc, self.smooth, self.L_down, unsigned=self.unsigned)
-            y = lowrank_w4a4_gemm(
-                xq, xscale, self.qweight, self.scales,
-                lowrank_act=lowrank_act, L_up=self.L_up, bias=self.bias, unsigned=self.unsigned,
-            )
+            # One op: on the CPU one C++ call, activations quantised straight into the GEMM's layout.
+            y = lowrank_w4a4_linear(xc, self.smooth, self.L_down, self.qweight, self.scales, self.L_up, self.bias,
+                                    unsigned=self.unsigned)
         return y.to(x.dtype)
 
     def merge_lora(self, A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> "LowRankQuantLinear":
