@@ -382,14 +382,19 @@ class LowRankQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., K]`` -> ``y [..., N]`` in ``x.dtype`` (computed in :attr:`dtype`)."""
-        xc = x.to(self.dtype)
+        # A model calls this per layer and token batch, so its Python is kept short: the
+        # buffers come from one dict (not nn.Module.__getattr__ each), and a cast that
+        # would return x itself is not dispatched.
+        b = self._buffers
+        dtype = b["scales"].dtype
+        xc = x if x.dtype == dtype else x.to(dtype)
         if self.acts is None:
-            y = lowrank_w4a16_linear(xc, self.qweight, self.scales, L_down=self.L_down, L_up=self.L_up, bias=self.bias)
+            y = lowrank_w4a16_linear(xc, b["qweight"], b["scales"], L_down=b["L_down"], L_up=b["L_up"], bias=b["bias"])
         else:
             # One op: on the CPU one C++ call, activations quantised straight into the GEMM's layout.
-            y = lowrank_w4a4_linear(xc, self.smooth, self.L_down, self.qweight, self.scales, self.L_up, self.bias,
+            y = lowrank_w4a4_linear(xc, b["smooth"], b["L_down"], b["qweight"], b["scales"], b["L_up"], b["bias"],
                                     unsigned=self.unsigned)
-        return y.to(x.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def merge_lora(self, A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> "LowRankQuantLinear":
         """Add a LoRA ``scale·B·A`` to the low-rank branch, in place (SVDQuant/Nunchaku).
