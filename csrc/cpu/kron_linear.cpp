@@ -71,35 +71,44 @@ namespace {
 
 using kron::Params;
 
-void check_inputs(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, int64_t isa) {
+void check_x(const at::Tensor& x) {
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "x: expected dtype float32, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 2, "x: expected [N, a2*b2] (2-D), got ", x.sizes());
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"A", &A}, {"B", &B}}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, name, ": expected dtype float32, got ", t->scalar_type());
-    TORCH_CHECK_VALUE(t->dim() == 3 && t->size(1) >= 1 && t->size(2) >= 1, name,
-                      ": expected [r, p, q] (3-D, p, q >= 1), got ", t->sizes());
-  }
-  TORCH_CHECK_VALUE(A.size(0) == B.size(0) && A.size(0) >= 1, "A, B: expected the same number r >= 1 of terms, got ",
-                    A.size(0), " and ", B.size(0));
-  TORCH_CHECK_VALUE(x.size(1) == A.size(2) * B.size(2), "x: expected last dim a2*b2 = ", A.size(2) * B.size(2),
-                    ", got ", x.size(1));
+}
+
+void check_factor(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, ": expected dtype float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(1) >= 1 && t.size(2) >= 1, name,
+                    ": expected [r, p, q] (3-D, p, q >= 1), got ", t.sizes());
+}
+
+// A against B's number of terms r_B and inner dimension b2; x's width; the isa.
+void check_terms(const at::Tensor& x, const at::Tensor& A, int64_t r_B, int64_t b2, int64_t isa) {
+  TORCH_CHECK_VALUE(A.size(0) == r_B && A.size(0) >= 1, "A, B: expected the same number r >= 1 of terms, got ",
+                    A.size(0), " and ", r_B);
+  TORCH_CHECK_VALUE(x.size(1) == A.size(2) * b2, "x: expected last dim a2*b2 = ", A.size(2) * b2, ", got ", x.size(1));
   const int64_t best = best_isa();
   TORCH_CHECK_VALUE(isa >= kIsaAuto && isa <= best, "isa: expected -1 (auto) or 0..", best,
                     " (supported by this CPU), got ", isa);
 }
 
+void check_inputs(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, int64_t isa) {
+  check_x(x);
+  check_factor("A", A);
+  check_factor("B", B);
+  check_terms(x, A, B.size(0), B.size(2), isa);
+}
+
 // Bu [r, b1, k], Bv [r, k, b2] as the low-rank form of B [r, b1, b2] (k >= 1).
 void check_lowrank_b(const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bu, const at::Tensor& Bv,
                      int64_t isa) {
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"Bu", &Bu}, {"Bv", &Bv}}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, name, ": expected dtype float32, got ", t->scalar_type());
-    TORCH_CHECK_VALUE(t->dim() == 3 && t->size(1) >= 1 && t->size(2) >= 1, name,
-                      ": expected [r, p, q] (3-D, p, q >= 1), got ", t->sizes());
-  }
+  check_factor("Bu", Bu);
+  check_factor("Bv", Bv);
   TORCH_CHECK_VALUE(Bu.size(0) == Bv.size(0) && Bu.size(2) == Bv.size(1), "Bu, Bv: expected [r, b1, k] and [r, k, b2], got ",
                     Bu.sizes(), " and ", Bv.sizes());
-  // The dense checks on a B of the composed shape (no data: an expand of a scalar).
-  check_inputs(x, A, at::zeros({}, Bu.options()).expand({Bu.size(0), Bu.size(1), Bv.size(2)}), isa);
+  check_x(x);
+  check_factor("A", A);
+  check_terms(x, A, Bu.size(0), Bv.size(2), isa);
 }
 
 Params make_params(const at::Tensor& x, const at::Tensor& A, int64_t b1, int64_t b2) {

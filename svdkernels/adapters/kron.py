@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module  # the global hook registries
 
 from svdkernels.errors import check_finite_number, strict_kwargs
 from svdkernels.linalg.kpsvd import kpsvd, kron_sum
@@ -74,10 +75,8 @@ def _split_shapes(out_features: int, in_features: int, factor: int) -> tuple[Sha
 def _hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` would run hooks (its own or global ones) that a direct
     ``F.linear`` would skip."""
-    from torch.nn.modules import module as mod
-
-    return bool(module._forward_hooks or module._forward_pre_hooks or mod._global_forward_hooks
-                or mod._global_forward_pre_hooks)
+    return bool(module._forward_hooks or module._forward_pre_hooks or _nn_module._global_forward_hooks
+                or _nn_module._global_forward_pre_hooks)
 
 
 def _check_scale(scale: object) -> None:

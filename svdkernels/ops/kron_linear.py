@@ -285,7 +285,7 @@ class _LinearKron(torch.autograd.Function):
         y = torch.nn.functional.linear(x2, weight, bias)
         cpp_backend.add_(y, x2, A, B, scale)
         ctx.save_for_backward(x2, weight, *factors)
-        ctx.scale, ctx.n_A, ctx.has_bias, ctx.x_shape = scale, n_A, bias is not None, x.shape
+        ctx.scale, ctx.n_A, ctx.x_shape = scale, n_A, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -304,7 +304,7 @@ class _LinearKron(torch.autograd.Function):
             _, gA, gB = cpp_backend.backward(g2, x2, A, B, ctx.scale, (False, needs_A, needs_B))
         if needs[1]:
             gW = g2.T @ x2
-        if needs[2] and ctx.has_bias:
+        if needs[2]:  # False for a None bias
             gb = g2.sum(0)
         return (gx, gW, gb, None, None, *(gA if needs_A else [None] * len(A)), *(gB if needs_B else [None] * len(B)))
 

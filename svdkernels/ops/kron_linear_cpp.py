@@ -50,9 +50,10 @@ def forward(x2: torch.Tensor, A: Sequence[torch.Tensor], B: Sequence[torch.Tenso
             isa: int = -1) -> torch.Tensor:
     """``y [N, a1·b1] = scale · x2 [N, a2·b2] @ (Σ_i A_i ⊗ B_i)ᵀ`` (factor lists as the op's).
     ``isa``: -1 the best this CPU runs, 0 portable C++, 1 AVX2, 2 AVX-512."""
-    if use_lowrank_b(A, B):
-        return _ops()._cpp_kron_linear_lowrank_b(x2, reference.compose(A), B[0], B[1], scale, isa)
-    return _ops()._cpp_kron_linear(x2, reference.compose(A), reference.compose(B), scale, isa)
+    Bm, Bv = _b_args(A, B)
+    if Bv is not None:
+        return _ops()._cpp_kron_linear_lowrank_b(x2, reference.compose(A), Bm, Bv, scale, isa)
+    return _ops()._cpp_kron_linear(x2, reference.compose(A), Bm, scale, isa)
 
 
 def backward(
